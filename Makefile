@@ -1,0 +1,49 @@
+# kubetune: every target does its own set-up (virtual environment, packages, test components).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` or `make test-fast`.
+PYTEST_ARGS ?=
+
+.PHONY: help install tools test test-fast lint generate demo clean
+
+help:  ## List the targets.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(INSTALLED)  ## Create .venv with kubetune and every dependency (constraints.txt pins them).
+
+$(INSTALLED): pyproject.toml constraints.txt scripts/install-deepspeed.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[operator,trainer,dev]'
+	scripts/install-deepspeed.sh $(VENV)
+	touch $@
+
+tools: install  ## Build or fetch the test components (Kubernetes binaries, training operator, kwok, helm).
+	hack/install-tools.sh
+
+lint: install  ## ruff, mypy (strict) and the import layering contracts.
+	$(BIN)/ruff check operator tests
+	$(BIN)/mypy operator/kubetune
+	$(BIN)/lint-imports
+
+generate: install  ## Rebuild every generated file from the API models.
+	$(BIN)/kubetune crd > crds/kubetune.io_finetunejobs.yaml
+	$(BIN)/kubetune reference > docs/reference.md
+
+test: install tools lint  ## Everything: unit, trainer, control-plane and end-to-end tiers.
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast:  ## The same without the slowest tier (multi-process training, end to end).
+	$(MAKE) test PYTEST_ARGS="-m 'not slow' $(PYTEST_ARGS)"
+
+demo: install  ## The main job: a LoRA fine-tune of a tiny model on this machine.
+	$(BIN)/kubetune run -f examples/quickstart.yaml
+
+clean:  ## Remove the virtual environment and local outputs (caches under ~/.cache/kubetune stay).
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""The FineTuneJob status: what the operator observed. Condition types and reasons live beside it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kubetune.api.base import ApiModel
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class ConditionType(StrEnum):
+    """kstatus conditions (Ready, Reconciling, Stalled) plus the terminal ones users alert on."""
+
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Machine-readable condition reasons. Failure reasons are stable: alerts match on them."""
+
+    CREATED = "PyTorchJobCreated"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    INVALID_SPEC = "InvalidSpec"
+    SPEC_CHANGED = "SpecChangedWhileCreated"
+    OOM_KILLED = "OOMKilled"
+    NCCL_TIMEOUT = "NCCLTimeout"
+    SHARED_MEMORY_EXHAUSTED = "SharedMemoryExhausted"
+    STORAGE_AUTH_FAILED = "StorageAuthFailed"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    PREEMPTED = "Preempted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    NODE_LOST = "NodeLost"
+    TRAINER_ERROR = "TrainerError"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    """Condition type, e.g. Ready."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    """Machine-readable CamelCase reason."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable details."""
+    last_transition_time: str | None = None
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """The metadata.generation this condition was computed from."""
+
+
+class Progress(ApiModel):
+    """Training progress as the trainer last reported it."""
+
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    percent: int | None = None
+    """step / totalSteps, in percent."""
+    epoch: float | None = None
+    """Fractional epoch."""
+    loss: float | None = None
+    """Latest training loss."""
+    eval_loss: float | None = None
+    """Latest evaluation loss."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    tokens_per_second: float | None = None
+    """Training throughput over the whole job."""
+    eta_seconds: float | None = None
+    """Estimated seconds to the end of training."""
+    updated_at: str | None = None
+    """When these numbers were read (RFC 3339)."""
+
+
+class AdapterStatus(ApiModel):
+    """The published result, read from its kubetune-manifest.json."""
+
+    uri: str | None = None
+    """Folder the adapter was published to."""
+    files: Annotated[list[str], Field(max_length=10_000)] = []
+    """Files of the adapter."""
+    size_bytes: int | None = None
+    """Total size."""
+    sha256: str | None = None
+    """Checksum of the manifest, which lists every file's sha256."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """What the operator observed."""
+
+    phase: Phase | None = None
+    """Pending, Running, Succeeded, Failed or Suspended."""
+    observed_generation: int | None = None
+    """The metadata.generation this status describes."""
+    conditions: Annotated[
+        list[Condition],
+        Field(
+            max_length=32,
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        ),
+    ] = []
+    """Ready, Reconciling, Stalled, Succeeded, Failed."""
+    pytorch_job: str | None = None
+    """Name of the PyTorchJob running the training."""
+    progress: Progress | None = None
+    """Training progress."""
+    adapter: AdapterStatus | None = None
+    """The published adapter."""
+    gpu_seconds: float | None = None
+    """GPUs x seconds of running pods so far: what the job cost."""
+    start_time: str | None = None
+    """When the first pod started running."""
+    completion_time: str | None = None
+    """When the job succeeded or failed."""
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    """A human summary of the current state."""

@@ -1,0 +1,207 @@
+"""`kubetune`: generate the CRD, validate and render manifests, estimate memory, run a job locally.
+
+The control-plane verbs import no training library. `estimate` and `run` hand over to the trainer
+package (`kubetune_trainer`) in a child process, so this module stays free of torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+
+from kubetune.api.crd import crd_yaml
+from kubetune.api.reference import reference_markdown
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.api.validation import DocumentResult, validate_file, validate_manifest
+from kubetune.render import RenderConfig, build_all
+from kubetune.render.pytorchjob import spec_document
+
+app = typer.Typer(
+    name="kubetune",
+    help="Fine-tune large language models on Kubernetes with one FineTuneJob.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+FilesOption = Annotated[
+    list[Path], typer.Option("--filename", "-f", help="Manifest file or folder (repeatable).")
+]
+FileOption = Annotated[
+    Path, typer.Option("--filename", "-f", help="A FineTuneJob manifest.", exists=True, dir_okay=False)
+]
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so the spec inside a ConfigMap reads as JSON, not escapes."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ManifestDumper.add_representer(str, _represent_str)
+
+
+def dump_manifests(manifests: list[dict[str, object]]) -> str:
+    return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False, width=1_000_000)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+        elif path.exists():
+            files.append(path)
+        else:
+            err.print(f"[red]error:[/] {path}: no such file or folder")
+            raise typer.Exit(2)
+    return files
+
+
+def load_job(path: Path) -> FineTuneJob:
+    """The one FineTuneJob of a file, or exit with every error named by field."""
+    results = validate_file(path)
+    jobs = [r for r in results if r.errors] or results
+    if len(results) != 1:
+        err.print(f"[red]error:[/] {path}: expected exactly one FineTuneJob, found {len(results)}")
+        raise typer.Exit(2)
+    if jobs[0].errors:
+        _print_errors(jobs[0])
+        raise typer.Exit(1)
+    with path.open(encoding="utf-8") as stream:
+        document = next(d for d in yaml.safe_load_all(stream) if d)
+    job, _ = validate_manifest(document)
+    assert job is not None
+    return job
+
+
+def _print_errors(result: DocumentResult) -> None:
+    err.print(f"[red]✗[/] {result.source} ({result.name}): {len(result.errors)} error(s)")
+    for error in result.errors:
+        err.print(f"    {error}", markup=False, highlight=False)
+
+
+@app.command()
+def crd() -> None:
+    """Print the FineTuneJob CustomResourceDefinition (generated from the API models)."""
+    sys.stdout.write(crd_yaml())
+
+
+@app.command()
+def reference() -> None:
+    """Print the field reference (docs/reference.md) generated from the API models."""
+    sys.stdout.write(reference_markdown())
+
+
+@app.command()
+def validate(filename: FilesOption) -> None:
+    """Check FineTuneJob manifests; every error names its field and what would be valid."""
+    results = [r for path in _expand(filename) for r in validate_file(path)]
+    failed = [r for r in results if r.errors]
+    for result in results:
+        if result.errors:
+            _print_errors(result)
+        else:
+            out.print(f"[green]✓[/] {result.source} ({result.name})")
+    if not results:
+        err.print("[yellow]no FineTuneJob found[/]")
+        raise typer.Exit(1)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def render(
+    filename: FileOption,
+    image: Annotated[str, typer.Option(help="Default trainer image.")] = RenderConfig.trainer_image,
+) -> None:
+    """Print the ConfigMap and PyTorchJob the operator would create for a FineTuneJob."""
+    job = load_job(filename)
+    manifests = build_all(job, RenderConfig(trainer_image=image))
+    sys.stdout.write(dump_manifests(manifests))
+
+
+def _trainer_available() -> bool:
+    try:
+        import importlib.util
+
+        return (
+            importlib.util.find_spec("kubetune_trainer") is not None
+            and importlib.util.find_spec("torch") is not None
+        )
+    except ModuleNotFoundError:
+        return False
+
+
+def _require_trainer() -> None:
+    if not _trainer_available():
+        err.print("[red]error:[/] this verb needs the trainer: pip install 'kubetune[trainer]'")
+        raise typer.Exit(2)
+
+
+@app.command()
+def estimate(
+    filename: FileOption,
+    output_format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Trainable parameters and per-GPU memory of a job, from the model's config alone (no weights)."""
+    load_job(filename)
+    _require_trainer()
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune_trainer.estimate",
+        "-f",
+        str(filename),
+        "--format",
+        output_format,
+    ]
+    raise typer.Exit(subprocess.call(command))
+
+
+@app.command()
+def run(
+    filename: FileOption,
+    nproc: Annotated[int, typer.Option("--nproc", help="Training processes on this machine.", min=1)] = 1,
+) -> None:
+    """Run a FineTuneJob on this machine through torchrun, with the spec the operator would render."""
+    job = load_job(filename)
+    _require_trainer()
+    workdir = Path(tempfile.mkdtemp(prefix=f"kubetune-{job.name}-"))
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(spec_document(job), encoding="utf-8")
+    env = {
+        **os.environ,
+        "KUBETUNE_SPEC": str(spec_path),
+        "KUBETUNE_JOB_NAME": job.name,
+        "KUBETUNE_NAMESPACE": job.namespace,
+        "KUBETUNE_LOCAL": "1",
+        "KUBETUNE_TERMINATION_LOG": str(workdir / "termination-log"),
+        "TMPDIR": os.environ.get("TMPDIR", str(workdir)),
+    }
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kubetune_trainer"]
+    out.print(f"[bold]kubetune[/] running {job.name} ({job.spec.method.type.value}) with {nproc} process(es)")
+    code = subprocess.call(command, env=env)
+    if code != 0:
+        reason_file = workdir / "termination-log"
+        reason = reason_file.read_text(encoding="utf-8").strip() if reason_file.exists() else ""
+        err.print(f"[red]✗ training failed[/] (exit {code}){': ' + reason if reason else ''}")
+    raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app()

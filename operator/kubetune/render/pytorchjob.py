@@ -1,0 +1,239 @@
+"""Pure builders: a validated FineTuneJob -> the ConfigMap and the Kubeflow PyTorchJob that run it."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.render.labels import (
+    KUEUE_QUEUE_NAME,
+    job_labels,
+    owner_references,
+    pytorchjob_name,
+    spec_configmap_name,
+)
+
+Manifest = dict[str, Any]
+
+CONTAINER_NAME = "pytorch"
+"""The training operator finds its container by this name."""
+RENDEZVOUS_PORT_NAME = "pytorchjob-port"
+RENDEZVOUS_PORT = 23456
+SPEC_MOUNT_PATH = "/etc/kubetune"
+SPEC_FILE_KEY = "spec.json"
+TERMINATION_LOG = "/dev/termination-log"
+SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """What the operator adds to every job (from its own configuration)."""
+
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Used when spec.trainer.image is unset."""
+
+
+def _metadata(
+    job: FineTuneJob, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+) -> Manifest:
+    metadata: Manifest = {"name": name, "namespace": job.namespace, "labels": labels}
+    if annotations:
+        metadata["annotations"] = annotations
+    if owners := owner_references(job):
+        metadata["ownerReferences"] = owners
+    return metadata
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    """sha256 of the trainer's spec document: ties a PyTorchJob and a published adapter to the spec that made them."""
+    return hashlib.sha256(spec_document(job).encode()).hexdigest()
+
+
+def spec_document(job: FineTuneJob) -> str:
+    """The trainer's input: the validated job, defaults filled in, as stable JSON.
+
+    runPolicy stays out: the trainer does not read it, and suspending a job must not change the
+    document (nor its hash, nor the ConfigMap).
+    """
+    spec = job.spec.to_wire()
+    spec.pop("runPolicy", None)
+    document = {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "metadata": {"name": job.name, "namespace": job.namespace},
+        "spec": spec,
+    }
+    return json.dumps(document, indent=2, sort_keys=True)
+
+
+def build_spec_configmap(job: FineTuneJob) -> Manifest:
+    """The ConfigMap holding the spec the trainer reads. It holds no credentials: those are Secret refs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, spec_configmap_name(job), job_labels(job)),
+        "data": {SPEC_FILE_KEY: spec_document(job)},
+    }
+
+
+def trainer_command() -> list[str]:
+    """torchrun reads PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK from the training operator's env."""
+    return [
+        "torchrun",
+        "--master_addr=$(MASTER_ADDR)",
+        "--master_port=$(MASTER_PORT)",
+        "-m",
+        "kubetune_trainer",
+    ]
+
+
+def _secret_env(name: str, secret: str, key: str) -> Manifest:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def trainer_env(job: FineTuneJob) -> list[Manifest]:
+    """Plain settings as values, credentials only as secretKeyRef."""
+    spec = job.spec
+    env: list[Manifest] = [
+        {"name": "KUBETUNE_SPEC", "value": f"{SPEC_MOUNT_PATH}/{SPEC_FILE_KEY}"},
+        {"name": "KUBETUNE_JOB_NAME", "value": job.name},
+        {"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "AWS_REGION", "value": spec.storage.s3.region},
+    ]
+    if spec.storage.s3.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.s3.endpoint})
+    if spec.storage.s3.credentials_secret:
+        secret = spec.storage.s3.credentials_secret
+        env.append(_secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"))
+        env.append(_secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"))
+    if spec.storage.hub.token_secret:
+        env.append(_secret_env("HF_TOKEN", spec.storage.hub.token_secret, "HF_TOKEN"))
+    env.extend({"name": var.name, "value": var.value} for var in spec.trainer.env)
+    return env
+
+
+def container_resources(job: FineTuneJob) -> Manifest:
+    """Requests as asked; memory and GPUs also as limits (GPUs must be, memory should be)."""
+    resources = job.spec.resources
+    requests: dict[str, str] = {str(name): value for name, value in resources.requests.items()}
+    limits: dict[str, str] = {}
+    if "memory" in requests:
+        limits["memory"] = requests["memory"]
+    if resources.gpus_per_node > 0:
+        gpus = str(resources.gpus_per_node)
+        requests[resources.gpu_resource_name] = gpus
+        limits[resources.gpu_resource_name] = gpus
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
+    """The pod every replica runs: the trainer container, the spec volume and a memory-backed /dev/shm."""
+    spec = job.spec
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": spec.trainer.image or config.trainer_image,
+        "imagePullPolicy": spec.trainer.image_pull_policy,
+        "command": trainer_command(),
+        "env": trainer_env(job),
+        "ports": [
+            {"name": RENDEZVOUS_PORT_NAME, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
+        ],
+        "resources": container_resources(job),
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_MOUNT_PATH, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    pod_spec: Manifest = {
+        # The trainer reports through its metrics endpoint and the termination message;
+        # it never talks to the API server, so it gets no token.
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": spec_configmap_name(job)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+        ],
+        # Room to write a checkpoint after SIGTERM (preemption, drain) before SIGKILL.
+        "terminationGracePeriodSeconds": 300,
+    }
+    scheduling = spec.scheduling
+    if scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in scheduling.tolerations]
+    if scheduling.affinity:
+        pod_spec["affinity"] = scheduling.affinity
+    if scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = scheduling.priority_class_name
+    if scheduling.scheduler_name:
+        pod_spec["schedulerName"] = scheduling.scheduler_name
+    if spec.trainer.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.trainer.image_pull_secrets]
+    return {
+        "metadata": {
+            "labels": job_labels(job),
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(spec.metrics.port),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def _replica(count: int, template: Manifest) -> Manifest:
+    # Each replica gets its own copy: a shared dict would alias Master and Worker in YAML and in patches.
+    # ExitCode: exit codes 1-127 (bad config, a bug) fail at once; 128+ (OOM-kill, SIGTERM on
+    # preemption) restart the pod, which resumes from its newest checkpoint.
+    return {"replicas": count, "restartPolicy": "ExitCode", "template": copy.deepcopy(template)}
+
+
+def build_pytorchjob(job: FineTuneJob, config: RenderConfig) -> Manifest:
+    """The Kubeflow PyTorchJob: one Master and nodes-1 Workers, nprocPerNode processes each."""
+    spec = job.spec
+    template = build_pod_template(job, config)
+    replicas: Manifest = {"Master": _replica(1, template)}
+    if spec.resources.nodes > 1:
+        replicas["Worker"] = _replica(spec.resources.nodes - 1, template)
+    run_policy: Manifest = {
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "cleanPodPolicy": spec.run_policy.clean_pod_policy,
+        "suspend": spec.run_policy.suspend,
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    labels = job_labels(job)
+    if spec.scheduling.queue_name:
+        labels[KUEUE_QUEUE_NAME] = spec.scheduling.queue_name
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(job, pytorchjob_name(job), labels, {SPEC_HASH_ANNOTATION: spec_hash(job)}),
+        "spec": {
+            "nprocPerNode": str(spec.resources.processes_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def build_all(job: FineTuneJob, config: RenderConfig) -> list[Manifest]:
+    """Every object a FineTuneJob needs, in creation order (the ConfigMap before the pods that mount it)."""
+    return [build_spec_configmap(job), build_pytorchjob(job, config)]

@@ -1,0 +1,198 @@
+"""What the operator would create for a FineTuneJob: golden files plus the properties that matter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.validation import validate_manifest
+from kubetune.cli import dump_manifests
+from kubetune.render import RenderConfig, build_all, build_pytorchjob, build_spec_configmap
+from kubetune.render.pytorchjob import spec_hash
+from tests.builders import a_job
+from tests.conftest import EXAMPLES, ROOT
+
+GOLDEN = ROOT / "tests" / "data" / "golden"
+CONFIG = RenderConfig(trainer_image="registry.example/kubetune/trainer:test")
+
+
+def _load(example: Path) -> Any:
+    job, errors = validate_manifest(yaml.safe_load(example.read_text()))
+    assert not errors and job is not None
+    return job
+
+
+def _pod(pytorchjob: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
+    return pytorchjob["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_rendering_matches_the_golden_file(example: Path, request: pytest.FixtureRequest) -> None:
+    rendered = dump_manifests(build_all(_load(example), CONFIG))
+    golden = GOLDEN / f"{example.stem}.yaml"
+    if request.config.getoption("--update-golden") or not golden.exists():
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), (
+        f"{golden} is stale: rerun with --update-golden and review the diff"
+    )
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_replicas_processes_gpus_and_shm_follow_the_spec(example: Path) -> None:
+    job = _load(example)
+    resources = job.spec.resources
+    pytorchjob = build_pytorchjob(job, CONFIG)
+    replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1
+    assert replicas.get("Worker", {}).get("replicas", 0) == resources.nodes - 1
+    assert pytorchjob["spec"]["nprocPerNode"] == str(max(resources.gpus_per_node, 1))
+    for replica in replicas:
+        pod = _pod(pytorchjob, replica)
+        [container] = pod["containers"]
+        assert container["name"] == "pytorch"
+        limits = container["resources"].get("limits", {})
+        if resources.gpus_per_node:
+            assert limits[resources.gpu_resource_name] == str(resources.gpus_per_node)
+        else:
+            assert resources.gpu_resource_name not in limits
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": resources.shared_memory}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert pod["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_object_carries_the_labels(example: Path) -> None:
+    job = _load(example)
+    for manifest in build_all(job, CONFIG):
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "kubetune"
+        assert labels["kubetune.io/job-name"] == job.name
+    template = build_pytorchjob(job, CONFIG)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert template["metadata"]["labels"]["kubetune.io/job-name"] == job.name
+
+
+def test_credentials_are_only_secret_references() -> None:
+    job = (
+        a_job()
+        .with_spec(
+            storage={
+                "s3": {"credentialsSecret": "s3-creds", "endpoint": "http://minio:9000"},
+                "hub": {"tokenSecret": "hf"},
+            }
+        )
+        .build()
+    )
+    env = {e["name"]: e for e in _pod(build_pytorchjob(job, CONFIG))["containers"][0]["env"]}
+    for name, secret in [
+        ("AWS_ACCESS_KEY_ID", "s3-creds"),
+        ("AWS_SECRET_ACCESS_KEY", "s3-creds"),
+        ("HF_TOKEN", "hf"),
+    ]:
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": name}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_no_credential_value_appears_in_any_rendered_object(example: Path) -> None:
+    credential_names = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
+    for manifest in build_all(_load(example), CONFIG):
+        for path, node in _walk(manifest):
+            if isinstance(node, dict) and node.get("name") in credential_names:
+                assert "value" not in node, f"{path}: a credential as a literal value"
+                assert "secretKeyRef" in node["valueFrom"]
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    found = [(path, node)]
+    if isinstance(node, dict):
+        found += [item for key, value in node.items() for item in _walk(value, f"{path}.{key}")]
+    elif isinstance(node, list):
+        found += [item for index, value in enumerate(node) for item in _walk(value, f"{path}[{index}]")]
+    return found
+
+
+def test_owner_reference_points_at_the_finetunejob_when_it_has_a_uid() -> None:
+    job = a_job("owned").with_uid("0c0ffee0-0000-4000-8000-000000000000").build()
+    for manifest in build_all(job, CONFIG):
+        [owner] = manifest["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "owned",
+            "uid": "0c0ffee0-0000-4000-8000-000000000000",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_run_policy_and_scheduling_pass_through() -> None:
+    job = (
+        a_job()
+        .on(nodes=3, gpus=8)
+        .with_spec(
+            runPolicy={
+                "backoffLimit": 7,
+                "activeDeadlineSeconds": 3600,
+                "ttlSecondsAfterFinished": 60,
+                "suspend": True,
+                "cleanPodPolicy": "All",
+            },
+            scheduling={
+                "nodeSelector": {"gpu": "h100"},
+                "priorityClassName": "high",
+                "schedulerName": "volcano",
+                "queueName": "team-a",
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
+                    }
+                },
+            },
+        )
+        .build()
+    )
+    pytorchjob = build_pytorchjob(job, CONFIG)
+    assert pytorchjob["spec"]["runPolicy"] == {
+        "backoffLimit": 7,
+        "activeDeadlineSeconds": 3600,
+        "ttlSecondsAfterFinished": 60,
+        "suspend": True,
+        "cleanPodPolicy": "All",
+    }
+    assert pytorchjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    pod = _pod(pytorchjob, "Worker")
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert (pod["priorityClassName"], pod["schedulerName"]) == ("high", "volcano")
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert "nodeAffinity" in pod["affinity"]
+    assert pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+
+
+def test_the_configmap_holds_the_spec_the_trainer_reads_back() -> None:
+    from kubetune.api.v1alpha1 import parse_job
+
+    job = a_job().with_method("qlora").build()
+    document = json.loads(build_spec_configmap(job)["data"]["spec.json"])
+    assert parse_job(document).spec.method == job.spec.method
+
+
+def test_suspending_does_not_change_the_spec_hash() -> None:
+    running = a_job().build()
+    suspended = a_job().with_spec(runPolicy={"suspend": True}).build()
+    assert spec_hash(running) == spec_hash(suspended)
+    assert spec_hash(running) != spec_hash(a_job().with_method("dora").build())
+
+
+def test_trainer_command_lets_torchrun_read_the_operator_env() -> None:
+    container = _pod(build_pytorchjob(a_job().on(nodes=2, gpus=4).build(), CONFIG))["containers"][0]
+    assert container["command"][0] == "torchrun"
+    assert "--master_addr=$(MASTER_ADDR)" in container["command"]
+    assert container["command"][-2:] == ["-m", "kubetune_trainer"]
+    assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in container["ports"]
