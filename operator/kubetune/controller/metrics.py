@@ -1,0 +1,65 @@
+"""The operator's own Prometheus metrics (not the trainer's): reconciles, errors, durations, jobs by phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kubetune.api.v1alpha1 import Phase
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter(
+    "kubetune_operator_reconciles",
+    "Reconciles by the kind of object that triggered them and their result (success or error).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "kubetune_operator_reconcile_errors",
+    "Failed reconciles by kind and error class (e.g. ApiException, TemporaryError).",
+    ["kind", "reason"],
+    registry=REGISTRY,
+)
+RECONCILE_DURATION = Histogram(
+    "kubetune_operator_reconcile_duration_seconds",
+    "Time one reconcile took.",
+    ["kind"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+FINETUNEJOBS = Gauge(
+    "kubetune_operator_finetunejobs",
+    "FineTuneJobs this operator watches, by phase.",
+    ["phase"],
+    registry=REGISTRY,
+)
+
+
+@contextmanager
+def reconcile(kind: str) -> Iterator[None]:
+    """Counts and times one reconcile; an exception counts as an error and goes on up."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as error:
+        RECONCILES.labels(kind=kind, result="error").inc()
+        RECONCILE_ERRORS.labels(kind=kind, reason=type(error).__name__).inc()
+        raise
+    else:
+        RECONCILES.labels(kind=kind, result="success").inc()
+    finally:
+        RECONCILE_DURATION.labels(kind=kind).observe(time.monotonic() - started)
+
+
+def set_job_phases(phases: Mapping[str, str | None]) -> None:
+    """Sets the by-phase gauge from every known job's phase (a job without one yet counts as Pending)."""
+    counts = {phase.value: 0 for phase in Phase}
+    for phase in phases.values():
+        key = phase if phase in counts else Phase.PENDING.value
+        counts[key] += 1
+    for phase_name, count in counts.items():
+        FINETUNEJOBS.labels(phase=phase_name).set(count)

@@ -1,0 +1,321 @@
+"""The status state machine: PyTorchJob conditions and pod terminations -> phase, conditions, failure reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress, Reason, parse_job
+from kubetune.api.validation import FieldError
+from kubetune.controller.conditions import find_condition, set_condition
+from kubetune.controller.status import (
+    Observed,
+    classify_failure,
+    classify_termination,
+    compute_status,
+    gpu_seconds,
+    invalid_status,
+)
+from kubetune.render.pytorchjob import SPEC_HASH_ANNOTATION, spec_hash
+from tests.builders import a_job
+
+T0 = "2026-01-01T00:00:00Z"
+T1 = "2026-01-01T00:01:00Z"
+T2 = "2026-01-01T00:02:00Z"
+
+
+def a_pytorchjob(*true_conditions: str, message: str = "", completion: str | None = None) -> dict[str, Any]:
+    conditions = [
+        {"type": kind, "status": "True", "reason": f"PyTorchJob{kind}", "message": message}
+        for kind in true_conditions
+    ]
+    status: dict[str, Any] = {"conditions": conditions}
+    if completion:
+        status["completionTime"] = completion
+    return {"metadata": {"name": "demo", "annotations": {}}, "status": status}
+
+
+def a_pod(
+    name: str = "demo-master-0",
+    replica: str = "master",
+    phase: str = "Running",
+    gpus: int = 8,
+    running_since: str | None = T0,
+    terminated: dict[str, Any] | None = None,
+    last_terminated: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+    reason: str | None = None,
+    node: str = "node-0",
+) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if terminated is not None:
+        state["terminated"] = {"startedAt": T0, "finishedAt": T1, **terminated}
+    elif running_since:
+        state["running"] = {"startedAt": running_since}
+    container_status: dict[str, Any] = {"name": "pytorch", "state": state}
+    if last_terminated:
+        container_status["lastState"] = {"terminated": last_terminated}
+    status: dict[str, Any] = {
+        "phase": phase,
+        "containerStatuses": [container_status],
+        "conditions": conditions or [],
+    }
+    if reason:
+        status["reason"] = reason
+    return {
+        "metadata": {"name": name, "labels": {"training.kubeflow.org/replica-type": replica}},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "pytorch", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
+        },
+        "status": status,
+    }
+
+
+def job(generation: int = 1) -> FineTuneJob:
+    manifest = a_job().with_uid().as_manifest()
+    manifest["metadata"]["generation"] = generation
+    return parse_job(manifest)
+
+
+def conditions_of(status: FineTuneJobStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+# --------------------------------------------------------------------------------------------- conditions
+
+
+def test_last_transition_time_moves_only_when_the_status_moves() -> None:
+    first = set_condition([], "Ready", "False", "Created", "waiting", 1, T0)
+    same = set_condition(first, "Ready", "False", "Created", "still waiting", 2, T1)
+    flipped = set_condition(same, "Ready", "True", "Running", "training", 2, T2)
+
+    assert first[0].last_transition_time == T0
+    assert same[0].last_transition_time == T0
+    assert same[0].message == "still waiting" and same[0].observed_generation == 2
+    assert flipped[0].last_transition_time == T2
+
+
+def test_set_condition_keeps_the_order_and_appends_new_types() -> None:
+    conditions = set_condition([], "Ready", "False", "A", "", 1, T0)
+    conditions = set_condition(conditions, "Stalled", "False", "A", "", 1, T0)
+    conditions = set_condition(conditions, "Ready", "True", "B", "", 1, T1)
+    assert [c.type for c in conditions] == ["Ready", "Stalled"]
+
+
+# ------------------------------------------------------------------------------------------ the lifecycle
+
+
+def test_a_job_goes_pending_running_succeeded_with_observed_generation_on_every_condition() -> None:
+    the_job = job(generation=3)
+    status = FineTuneJobStatus()
+
+    status = compute_status(the_job, status, Observed(), T0)
+    assert status.phase is Phase.PENDING
+    assert conditions_of(status)["Reconciling"] == ("True", Reason.CREATED)
+
+    status = compute_status(the_job, status, Observed(a_pytorchjob("Created")), T0)
+    assert status.phase is Phase.PENDING and status.pytorch_job == "demo"
+
+    running = Observed(a_pytorchjob("Created", "Running"), [a_pod(running_since=T0)])
+    status = compute_status(the_job, status, running, T1)
+    assert status.phase is Phase.RUNNING
+    assert conditions_of(status)["Ready"] == ("True", Reason.RUNNING)
+    assert conditions_of(status)["Reconciling"][0] == "False"
+    assert status.start_time == T0
+    assert status.gpu_seconds == 8 * 60
+
+    done = Observed(
+        a_pytorchjob("Created", "Succeeded", completion=T2),
+        [a_pod(phase="Succeeded", terminated={"exitCode": 0, "reason": "Completed"})],
+    )
+    status = compute_status(the_job, status, done, T2)
+    assert status.phase is Phase.SUCCEEDED
+    assert conditions_of(status)["Succeeded"] == ("True", Reason.SUCCEEDED)
+    assert conditions_of(status)["Failed"][0] == "False"
+    assert status.completion_time == T2
+    assert status.adapter is not None and status.adapter.uri == "s3://adapters/demo/"
+    assert all(c.observed_generation == 3 for c in status.conditions)
+    assert status.observed_generation == 3
+
+
+def test_recomputing_an_unchanged_job_gives_an_equal_status_so_nothing_is_written() -> None:
+    the_job = job()
+    observed = Observed(a_pytorchjob("Created", "Running"), [a_pod(running_since=T0)])
+    first = compute_status(the_job, FineTuneJobStatus(), observed, T1)
+    again = compute_status(the_job, first, observed, T1)
+    assert again == first
+
+
+def test_a_suspended_pytorchjob_makes_the_job_suspended_and_resuming_runs_it_again() -> None:
+    the_job = job()
+    status = compute_status(the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Suspended")), T0)
+    assert status.phase is Phase.SUSPENDED
+    assert conditions_of(status)["Ready"] == ("False", Reason.SUSPENDED)
+    status = compute_status(the_job, status, Observed(a_pytorchjob("Created", "Running"), [a_pod()]), T1)
+    assert status.phase is Phase.RUNNING
+
+
+def test_a_restarting_pytorchjob_keeps_the_job_running_but_not_ready() -> None:
+    status = compute_status(
+        job(),
+        FineTuneJobStatus(),
+        Observed(a_pytorchjob("Created", "Restarting", message="pod restarted")),
+        T0,
+    )
+    assert status.phase is Phase.RUNNING
+    assert conditions_of(status)["Ready"] == ("False", Reason.RESTARTING)
+    assert status.message == "pod restarted"
+
+
+def test_progress_given_replaces_the_stored_progress_and_is_kept_otherwise() -> None:
+    observed = Observed(a_pytorchjob("Created", "Running"), [a_pod()])
+    progress = Progress(step=5, total_steps=10, percent=50, updated_at=T1)
+    status = compute_status(job(), FineTuneJobStatus(), observed, T1, progress=progress)
+    assert status.progress == progress
+    assert compute_status(job(), status, observed, T2).progress == progress
+
+
+def test_a_pod_on_a_lost_node_does_not_leave_the_job_ready() -> None:
+    observed = Observed(
+        a_pytorchjob("Created", "Running"), [a_pod(node="gone")], lost_nodes=frozenset({"gone"})
+    )
+    status = compute_status(job(), FineTuneJobStatus(), observed, T1)
+    assert conditions_of(status)["Ready"] == ("False", Reason.NODE_LOST)
+    assert "gone" in (status.message or "")
+
+
+def test_a_spec_changed_after_creation_is_reported_as_stalled() -> None:
+    the_job = job()
+    pytorchjob = a_pytorchjob("Created", "Running")
+    pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = "0" * 64
+    status = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0)
+    assert conditions_of(status)["Stalled"] == ("True", Reason.SPEC_CHANGED)
+
+    pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(the_job)
+    status = compute_status(the_job, status, Observed(pytorchjob), T0)
+    assert conditions_of(status)["Stalled"][0] == "False"
+
+
+def test_an_invalid_spec_is_stalled_and_failed_with_the_field_named() -> None:
+    status = invalid_status(
+        FineTuneJobStatus(), 2, [FieldError("spec.training.learningRateGroups[0].match", "bad regex")], T0
+    )
+    assert status.phase is Phase.FAILED
+    assert conditions_of(status)["Stalled"] == ("True", Reason.INVALID_SPEC)
+    stalled = find_condition(status.conditions, "Stalled")
+    assert stalled is not None and "spec.training.learningRateGroups[0].match" in stalled.message
+    assert stalled.observed_generation == 2
+
+
+# ----------------------------------------------------------------------------------------- failure reasons
+
+
+def failed_with(*pods: dict[str, Any], message: str = "") -> Observed:
+    return Observed(a_pytorchjob("Created", "Failed", message=message, completion=T2), list(pods))
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason", "message", "expected"),
+    [
+        (137, "OOMKilled", "", Reason.OOM_KILLED),
+        (137, "Error", "", Reason.OOM_KILLED),
+        (
+            1,
+            "Error",
+            "InsufficientGPUMemory: needs 90 GiB per GPU, has 80 GiB",
+            Reason.INSUFFICIENT_GPU_MEMORY,
+        ),
+        (
+            1,
+            "Error",
+            "[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE)",
+            Reason.NCCL_TIMEOUT,
+        ),
+        (1, "Error", "RuntimeError: NCCL communicator was aborted: timed out", Reason.NCCL_TIMEOUT),
+        (
+            1,
+            "Error",
+            "RuntimeError: unable to write to file </torch_123_456>: No space left on device",
+            Reason.SHARED_MEMORY_EXHAUSTED,
+        ),
+        (135, "Error", "", Reason.SHARED_MEMORY_EXHAUSTED),
+        (
+            1,
+            "Error",
+            "SourceUnavailable: s3://data/train.jsonl: An error occurred (InvalidAccessKeyId)",
+            Reason.STORAGE_AUTH_FAILED,
+        ),
+        (1, "Error", "SourceUnavailable: AccessDenied", Reason.STORAGE_AUTH_FAILED),
+        (2, "Error", "ValueError: the dataset has no column 'output'", Reason.TRAINER_ERROR),
+    ],
+)
+def test_a_terminated_trainer_is_classified_by_exit_code_reason_and_message(
+    exit_code: int, reason: str, message: str, expected: Reason
+) -> None:
+    assert classify_termination(exit_code, reason, message) is expected
+
+
+def test_a_qlora_job_whose_pod_is_oom_killed_ends_failed_with_reason_oom_killed() -> None:
+    pod = a_pod(phase="Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    status = compute_status(job(), FineTuneJobStatus(), failed_with(pod), T2)
+    assert status.phase is Phase.FAILED
+    assert conditions_of(status)["Failed"] == ("True", Reason.OOM_KILLED)
+    assert status.completion_time == T2
+
+
+def test_a_failing_trainer_puts_its_termination_message_in_the_status() -> None:
+    pod = a_pod(
+        phase="Failed", terminated={"exitCode": 1, "reason": "Error", "message": "InvalidDataset: no rows"}
+    )
+    status = compute_status(job(), FineTuneJobStatus(), failed_with(pod), T2)
+    assert conditions_of(status)["Failed"] == ("True", Reason.TRAINER_ERROR)
+    assert "InvalidDataset: no rows" in (status.message or "")
+    failed = find_condition(status.conditions, "Failed")
+    assert failed is not None and "InvalidDataset: no rows" in failed.message
+
+
+def test_the_master_pod_explains_the_failure_before_the_workers() -> None:
+    worker = a_pod("demo-worker-0", "worker", "Failed", terminated={"exitCode": 1, "message": "worker noise"})
+    master = a_pod("demo-master-0", "master", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    assert classify_failure(failed_with(worker, master)).reason is Reason.OOM_KILLED
+
+
+def test_an_oom_kill_from_an_earlier_restart_is_found_in_the_last_state() -> None:
+    pod = a_pod(last_terminated={"exitCode": 137, "reason": "OOMKilled"})
+    failure = classify_failure(
+        failed_with(
+            pod, message="PyTorchJob demo has failed because it has reached the specified backoff limit"
+        )
+    )
+    assert failure.reason is Reason.OOM_KILLED
+    assert "backoff limit" in failure.message
+
+
+def test_an_evicted_pod_means_preempted() -> None:
+    pod = a_pod(
+        phase="Failed",
+        terminated={"exitCode": 137},
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+    )
+    assert classify_failure(failed_with(pod)).reason is Reason.PREEMPTED
+    assert classify_failure(failed_with(a_pod(phase="Failed", reason="Evicted"))).reason is Reason.PREEMPTED
+
+
+def test_job_level_failures_without_pod_evidence() -> None:
+    deadline = failed_with(
+        message="PyTorchJob demo has failed because it was active longer than specified deadline"
+    )
+    assert classify_failure(deadline).reason is Reason.DEADLINE_EXCEEDED
+    backoff = failed_with(
+        message="PyTorchJob demo has failed because it has reached the specified backoff limit"
+    )
+    assert classify_failure(backoff).reason is Reason.BACKOFF_LIMIT_EXCEEDED
+    assert classify_failure(failed_with(message="something else")).reason is Reason.TRAINER_ERROR
+
+
+def test_gpu_seconds_count_gpus_times_wall_time_of_running_and_finished_pods() -> None:
+    running = a_pod(gpus=8, running_since=T0)
+    finished = a_pod("demo-worker-0", "worker", gpus=4, terminated={"exitCode": 0})
+    assert gpu_seconds([running, finished], "nvidia.com/gpu", T2) == 8 * 120 + 4 * 60
