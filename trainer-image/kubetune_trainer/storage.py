@@ -1,0 +1,239 @@
+"""Turn a source URI (``hf://``, ``s3://``, ``pvc://``, ``file://``) into a local path.
+
+Remote sources are downloaded once per node into a cache keyed by the source, its
+revision and (for S3) the listing's ETags, so a changed object is fetched again while an
+unchanged one is not. Every process of a node calls :func:`resolve_source`; a file lock
+makes the first one download while the others wait, then all read the same files.
+A lock rather than "local rank 0 downloads, the rest poll a marker" because it also
+serialises two jobs sharing a node's cache, and a rank that dies mid-download releases
+the lock with its process instead of leaving the others polling until a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from .termination import SourceError, storage_reason
+
+# boto3 builds its client classes at run time; there is no static type to name here.
+S3Client = Any
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "KUBETUNE_CACHE_DIR"
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+DOWNLOAD_TIMEOUT_ENV = "KUBETUNE_DOWNLOAD_TIMEOUT_SECONDS"
+COMPLETE_MARKER = ".kubetune-complete"
+SCHEMES = ("hf", "s3", "pvc", "file")
+
+
+@dataclass(frozen=True)
+class SourceURI:
+    """A parsed source: ``scheme://authority/path``.
+
+    ``authority`` is the bucket (s3), the claim (pvc), the org (hf); empty for file.
+    """
+
+    scheme: str
+    authority: str
+    path: str
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return f"file://{self.path}"
+        tail = f"/{self.path}" if self.path else ""
+        return f"{self.scheme}://{self.authority}{tail}"
+
+
+def parse_uri(uri: str) -> SourceURI:
+    """Split a source URI; a bare path counts as ``file://``."""
+    if "://" not in uri:
+        return SourceURI("file", "", str(Path(uri).expanduser().absolute()))
+    scheme, rest = uri.split("://", 1)
+    if scheme not in SCHEMES:
+        raise SourceError(f"unsupported URI scheme {scheme!r} in {uri!r}; use one of {', '.join(SCHEMES)}")
+    if scheme == "file":
+        # file://relative/path (local mode) is relative to the working directory.
+        return SourceURI("file", "", str(Path(rest).absolute()))
+    authority, _, path = rest.partition("/")
+    if not authority:
+        raise SourceError(f"URI {uri!r} has no {'bucket' if scheme == 's3' else 'name'}")
+    return SourceURI(scheme, authority, path.strip("/"))
+
+
+def cache_root() -> Path:
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "kubetune"
+
+
+def pvc_root() -> Path:
+    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT))
+
+
+def make_s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    *,
+    max_attempts: int = 5,
+    connect_timeout: float = 10.0,
+) -> S3Client:
+    """A boto3 S3 client for AWS or any S3-compatible server.
+
+    Endpoint and region default to ``AWS_ENDPOINT_URL_S3`` / ``AWS_REGION``; credentials come
+    from boto3's own chain (the env the Secret fills). Path-style addressing works with
+    every S3-compatible server; botocore's ``standard`` retry mode retries throttling,
+    5xx and dropped connections per request.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=60,
+        s3={"addressing_style": "path"},
+    )
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def _download_timeout() -> float:
+    return float(os.environ.get(DOWNLOAD_TIMEOUT_ENV, str(4 * 3600)))
+
+
+def _cache_entry(key_material: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "sources" / digest
+
+
+def _fill_once(entry: Path, fill: Any, description: str) -> Path:
+    """Run ``fill(tmp_dir)`` unless ``entry`` is complete; one process per node does it.
+
+    The files land in a temporary folder first and are renamed into place, so a crash
+    mid-download never leaves a cache entry that looks complete.
+    """
+    data_dir = entry / "data"
+    if (entry / COMPLETE_MARKER).exists():
+        return data_dir
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(entry) + ".lock")
+    try:
+        with lock.acquire(timeout=_download_timeout()):
+            if (entry / COMPLETE_MARKER).exists():
+                log.info("using cached %s", description)
+                return data_dir
+            log.info("downloading %s", description)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
+            try:
+                fill(staging)
+                if entry.exists():
+                    shutil.rmtree(entry)
+                entry.mkdir(parents=True)
+                staging.rename(data_dir)
+                (entry / COMPLETE_MARKER).write_text(description + "\n")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except Timeout as error:
+        raise SourceError(f"timed out waiting for another process to download {description}") from error
+    return data_dir
+
+
+def _s3_listing(client: S3Client, bucket: str, key: str) -> tuple[bool, list[dict[str, Any]]]:
+    """(is_single_object, objects) for ``s3://bucket/key``: the object itself or everything under ``key/``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if key and not key.endswith("/"):
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+                return True, [{"Key": key, "Size": head["ContentLength"], "ETag": head.get("ETag", "")}]
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        objects: list[dict[str, Any]] = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            objects.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    except (BotoCoreError, ClientError) as error:
+        raise SourceError(
+            f"cannot list s3://{bucket}/{key}: {error}", reason=storage_reason(error, SourceError.reason)
+        ) from error
+    if not objects:
+        raise SourceError(f"s3://{bucket}/{key} does not exist or is empty")
+    return False, objects
+
+
+def _resolve_s3(source: SourceURI, revision: str | None, client: S3Client | None) -> Path:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = client or make_s3_client()
+    single, objects = _s3_listing(client, source.authority, source.path)
+    listing = sorted((o["Key"], o.get("ETag", ""), o["Size"]) for o in objects)
+    entry = _cache_entry({"uri": source.uri, "revision": revision, "listing": listing})
+    prefix = "" if single else (f"{source.path.rstrip('/')}/" if source.path else "")
+
+    def fill(target: Path) -> None:
+        for obj in objects:
+            relative = Path(obj["Key"]).name if single else obj["Key"][len(prefix) :]
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                client.download_file(source.authority, obj["Key"], str(destination))
+            except (BotoCoreError, ClientError) as error:
+                raise SourceError(
+                    f"cannot download s3://{source.authority}/{obj['Key']}: {error}",
+                    reason=storage_reason(error, SourceError.reason),
+                ) from error
+
+    data_dir = _fill_once(entry, fill, source.uri)
+    return data_dir / Path(source.path).name if single else data_dir
+
+
+def _resolve_hf(source: SourceURI, revision: str | None) -> Path:
+    """``hf://org/name[/subfolder]`` through the hub client (honours HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    parts = source.path.split("/", 1)
+    if not parts[0]:
+        raise SourceError(f"hf URI needs org/name: {source.uri!r}")
+    repo_id = f"{source.authority}/{parts[0]}"
+    subfolder = parts[1] if len(parts) > 1 else ""
+    entry = _cache_entry({"uri": f"hf://{repo_id}", "revision": revision or "main"})
+
+    def fill(target: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(repo_id=repo_id, revision=revision or None, local_dir=str(target))
+        except Exception as error:  # the hub client raises many unrelated types
+            raise SourceError(f"cannot download {source.uri}: {type(error).__name__}: {error}") from error
+
+    data_dir = _fill_once(entry, fill, f"{source.uri}@{revision or 'main'}")
+    return data_dir / subfolder if subfolder else data_dir
+
+
+def resolve_source(uri: str, revision: str | None = None, *, s3_client: S3Client | None = None) -> Path:
+    """Return a local path holding what ``uri`` names, downloading it (once per node) if needed."""
+    source = parse_uri(uri)
+    if source.scheme == "file":
+        path = Path(source.path)
+    elif source.scheme == "pvc":
+        path = pvc_root() / source.authority / source.path
+    elif source.scheme == "s3":
+        path = _resolve_s3(source, revision, s3_client)
+    else:
+        path = _resolve_hf(source, revision)
+    if not path.exists():
+        raise SourceError(f"{uri} resolves to {path}, which does not exist")
+    return path

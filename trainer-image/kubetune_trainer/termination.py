@@ -1,0 +1,144 @@
+"""Turn a fatal error into one line in the pod's termination log and a non-zero exit.
+
+Kubernetes copies the termination log into the container status; the operator reads it
+back as the FineTuneJob's failure reason, so the line has the form ``Reason: message``
+(``Reason`` is a CamelCase word the controller can put in a condition as it is).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# The kubelet keeps at most 4096 bytes of a termination message.
+MAX_MESSAGE_BYTES = 4096
+# Exit codes: 1 for errors the user can fix in the spec or the data, 2 for the rest.
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 2
+
+_SECRET_ENV_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+class TrainerError(Exception):
+    """An error with a reason the operator can show as it is.
+
+    ``reason`` is a CamelCase word (``SourceUnavailable``, ``InsufficientGPUMemory``...).
+    """
+
+    reason = "TrainerError"
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class SourceError(TrainerError):
+    """A model or dataset source cannot be read."""
+
+    reason = "SourceUnavailable"
+
+
+class DataError(TrainerError):
+    """The dataset does not have the shape its format promises."""
+
+    reason = "InvalidDataset"
+
+
+class SpecError(TrainerError):
+    """The spec asks for a combination the trainer cannot run."""
+
+    reason = "InvalidSpec"
+
+
+class PublishError(TrainerError):
+    """The adapter could not be published, or it is not worth publishing."""
+
+    reason = "PublishFailed"
+    exit_code = EXIT_INTERNAL_ERROR
+
+
+class InsufficientGPUMemory(TrainerError):
+    """The pre-flight estimate says the job cannot fit on its GPUs."""
+
+    reason = "InsufficientGPUMemory"
+
+
+_AUTH_CODES = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "NoCredentialsError",
+)
+
+
+def storage_reason(error: BaseException, default: str) -> str:
+    """``StorageAuthFailed`` for credential errors of S3 (or the hub), else ``default``."""
+    text = f"{type(error).__name__} {error}"
+    if any(code in text for code in _AUTH_CODES) or "401" in text or "403" in text:
+        return "StorageAuthFailed"
+    return default
+
+
+def _redact(text: str) -> str:
+    """Remove the values of credential variables, in case a library echoed one."""
+    for name in _SECRET_ENV_NAMES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def format_termination_message(reason: str, message: str) -> str:
+    """One line, ``Reason: message``, credentials removed, within the kubelet's limit."""
+    reason = re.sub(r"[^A-Za-z0-9]", "", reason) or "Error"
+    flat = " ".join(_redact(message).split())
+    line = f"{reason}: {flat}" if flat else reason
+    encoded = line.encode("utf-8")[:MAX_MESSAGE_BYTES]
+    return encoded.decode("utf-8", errors="ignore")
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+
+
+def write_termination_message(reason: str, message: str, path: Path | None = None) -> str:
+    """Write the line to the termination log (and stderr); return it.
+
+    A missing or read-only log (a laptop has no /dev/termination-log) is not an error.
+    """
+    line = format_termination_message(reason, message)
+    target = path or termination_log_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(line + "\n", encoding="utf-8")
+    except OSError:
+        pass
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
+def reason_for(error: BaseException) -> tuple[str, int]:
+    """The reason word and exit code for any exception."""
+    if isinstance(error, TrainerError):
+        return error.reason, error.exit_code
+    if isinstance(error, MemoryError):
+        return "OutOfMemory", EXIT_INTERNAL_ERROR
+    name = type(error).__name__
+    if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return "OutOfMemory", EXIT_INTERNAL_ERROR
+    return name, EXIT_INTERNAL_ERROR
+
+
+def fail(error: BaseException, path: Path | None = None) -> NoReturn:
+    """Record ``error`` in the termination log and exit non-zero."""
+    reason, code = reason_for(error)
+    write_termination_message(reason, str(error) or type(error).__name__, path)
+    sys.exit(code)
