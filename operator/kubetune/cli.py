@@ -134,6 +134,21 @@ def render(
     sys.stdout.write(dump_manifests(manifests))
 
 
+@app.command()
+def operator(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every handler call.")] = False,
+    json_logs: Annotated[bool, typer.Option("--json-logs/--text-logs", help="Log format.")] = True,
+) -> None:
+    """Run the operator against the current kubeconfig (in a pod: its ServiceAccount) until stopped.
+
+    Configured from KUBETUNE_* environment variables: NAMESPACES, TRAINER_IMAGE, METRICS_PORT,
+    HEALTH_PORT, PROGRESS_INTERVAL_SECONDS.
+    """
+    from kubetune.controller.main import run_operator
+
+    run_operator(verbose=verbose, json_logs=json_logs)
+
+
 def _trainer_available() -> bool:
     try:
         import importlib.util
