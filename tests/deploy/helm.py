@@ -18,18 +18,23 @@ CHART = ROOT / "charts" / "kubetune"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 
 
-def pinned_version(component: str) -> str:
-    """A version pinned in hack/versions.env, e.g. HELM_VERSION."""
-    for line in (ROOT / "hack" / "versions.env").read_text().splitlines():
+def pinned_version(component: str) -> str | None:
+    """A version pinned in hack/versions.env (e.g. HELM_VERSION), or None where it is not pinned."""
+    versions = ROOT / "hack" / "versions.env"
+    if not versions.exists():
+        return None
+    for line in versions.read_text().splitlines():
         key, _, value = line.partition("=")
         if key.strip() == component:
             return value.strip()
-    raise AssertionError(f"{component} missing from hack/versions.env")
+    return None
 
 
-# Offline rendering assumes the test cluster's version: a helm built from its Go module (no release ldflags)
-# would otherwise assume Kubernetes v1.20 and refuse the chart's kubeVersion.
-KUBE_VERSION = pinned_version("KUBERNETES_VERSION")
+def kube_version_args() -> list[str]:
+    """Offline rendering assumes the test cluster's Kubernetes version: a helm built from its Go module (no
+    release ldflags) would otherwise assume v1.20 and refuse the chart's kubeVersion."""
+    version = pinned_version("KUBERNETES_VERSION")
+    return ["--kube-version", version] if version else []
 
 
 def helm_binary() -> str:
@@ -82,7 +87,7 @@ def render(
     include_crds: bool = False,
 ) -> list[dict[str, Any]]:
     """`helm template` of the chart: the manifests it would install, as dicts."""
-    args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION]
+    args = ["template", release, str(CHART), "--namespace", namespace, *kube_version_args()]
     args += value_args(values_files, set_values)
     if include_crds:
         args.append("--include-crds")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.deploy.helm import CHART, CI_VALUES, KUBE_VERSION, find, helm, one, render
+from tests.deploy.helm import CHART, CI_VALUES, find, helm, kube_version_args, one, render
 
 NAMESPACED = CHART / "ci" / "namespaced-values.yaml"
 MONITORING = CHART / "ci" / "monitoring-values.yaml"
@@ -196,7 +196,7 @@ def test_argocd_values_render_the_health_check_and_a_pinned_digest() -> None:
 def test_mistakes_in_values_are_refused_with_a_message_naming_them(
     set_values: list[str], complaint: str
 ) -> None:
-    args = ["template", "kubetune", str(CHART), "--kube-version", KUBE_VERSION]
+    args = ["template", "kubetune", str(CHART), *kube_version_args()]
     for assignment in set_values:
         args += ["--set", assignment]
     result = helm(*args, check=False)
