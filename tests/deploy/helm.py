@@ -41,9 +41,10 @@ def helm_binary() -> str:
     """helm from $HELM, the pinned build under ~/.cache/kubetune/bin, or PATH; skips the test when none exists."""
     cache = Path(os.environ.get("KUBETUNE_CACHE_DIR", Path.home() / ".cache" / "kubetune"))
     bin_root = Path(os.environ.get("KUBETUNE_BIN_DIR", cache / "bin"))
+    pinned = pinned_version("HELM_VERSION")
     candidates = [
         os.environ.get("HELM"),
-        str(bin_root / "helm" / pinned_version("HELM_VERSION") / "helm"),
+        str(bin_root / "helm" / pinned / "helm") if pinned else None,
         shutil.which("helm"),
     ]
     for candidate in candidates:
