@@ -46,17 +46,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while choosing, so none repeats)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class PortTaken(RuntimeError):
+    """Another process bound one of the ports between choosing and binding it."""
+
+
 class SeaweedFS:
     """One ``weed server -s3`` process rooted at ``data_dir``."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-        # gRPC ports default to port + 10000, which may be taken; name them all.
-        self.grpc_ports = {name: free_port() for name in self.ports}
-        self.extra_ports = {name: free_port() for name in ("s3.port.iceberg", "s3.port.lance", "metricsPort")}
+        self._pick_ports()
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "weed.log"
+
+    def _pick_ports(self) -> None:
+        ports = iter(free_ports(11))
+        self.ports = {name: next(ports) for name in ("master", "volume", "filer", "s3")}
+        # gRPC ports default to port + 10000, which may be taken; name them all.
+        self.grpc_ports = {name: next(ports) for name in self.ports}
+        self.extra_ports = {name: next(ports) for name in ("s3.port.iceberg", "s3.port.lance", "metricsPort")}
 
     @property
     def endpoint(self) -> str:
@@ -86,7 +108,20 @@ class SeaweedFS:
         path.write_text(json.dumps(config))
         return path
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Start (or restart on the same ports); a first start that loses a port race retries on new ones."""
+        for attempt in range(attempts):
+            try:
+                self._start(timeout)
+                return
+            except PortTaken:
+                if attempt == attempts - 1 or self.started_once:
+                    raise
+                self._pick_ports()
+
+    started_once = False
+
+    def _start(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             weed_binary(),
@@ -108,11 +143,14 @@ class SeaweedFS:
             f"-s3.port={self.ports['s3']}",
             f"-s3.port.grpc={self.grpc_ports['s3']}",
             f"-s3.config={self._write_config()}",
+            # No embedded IAM/STS API: it wants signing keys and, without them, may leave auth off.
+            "-s3.iam=false",
             *(f"-{name}={port}" for name, port in self.extra_ports.items()),
         ]
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout)
+        self.started_once = True
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready when a bucket can be created and an object written: the whole write path is up."""
@@ -120,6 +158,8 @@ class SeaweedFS:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                if "address already in use" in self.log_path.read_text(errors="replace")[-4000:]:
+                    raise PortTaken(f"a port of weed was taken; see {self.log_path}")
                 raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.log_path}")
             try:
                 client = self.client(max_attempts=1)

@@ -146,3 +146,49 @@ def minilm_dir() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return DATA_DIR
+
+
+def cpu_job(
+    model: Path | str, data: Path | str, output: Path | str, *, name: str = "demo", **spec: Any
+) -> Any:
+    """A FineTuneJob builder for a small fp32 run on this CPU; ``spec`` fields override the defaults."""
+    from tests.builders import a_job
+
+    as_uri = lambda value: value if "://" in str(value) else f"file://{value}"  # noqa: E731
+    defaults: dict[str, Any] = {
+        "model": {"source": as_uri(model)},
+        "dataset": {"source": as_uri(data), "format": "alpaca", "validationSplit": 0.1, "maxSeqLength": 96},
+        "training": {
+            "maxSteps": 20,
+            "learningRate": 1.0e-2,
+            "batchSizePerDevice": 8,
+            "precision": "fp32",
+            "warmupRatio": 0.0,
+            "scheduler": "constant",
+            "logEverySteps": 1,
+            "seed": 7,
+        },
+        "resources": {"nodes": 1, "gpusPerNode": 0},
+        "output": {"uri": as_uri(output)},
+        "checkpoint": {"everySteps": 1000, "keep": 1},
+    }
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            defaults[key] = {**defaults[key], **value}
+        else:
+            defaults[key] = value
+    return a_job(name).with_spec(**defaults)
+
+
+@pytest.fixture
+def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run a job in this process (as one rank); returns the RunResult."""
+    from kubetune_trainer.train import run
+
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
+
+    def start(builder: Any, workdir: Path | None = None) -> Any:
+        job = builder.build()
+        return run(job, "test-spec-hash", workdir or tmp_path / "work")
+
+    return start

@@ -129,4 +129,4 @@ def test_wrong_s3_credentials_fail_with_the_storage_auth_reason(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(SourceError) as error:
         resolve_source(f"s3://{bucket}/model")
-    assert error.value.reason == "StorageAuthFailed"
+    assert error.value.reason == "StorageAuthFailed", str(error.value)

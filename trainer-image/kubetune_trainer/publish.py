@@ -169,12 +169,16 @@ def check_adapter(
             count = 1
             for dim in shape:
                 count *= dim
-            if count == 0:
+            # ZeRO-3 leaves a 1-D, zero-sized placeholder where a partitioned weight was not
+            # gathered. (A 2-D tensor with one zero dimension is AdaLoRA pruning a rank to 0.)
+            if count == 0 and len(shape) <= 1:
                 raise PublishError(
                     f"tensor {name} in {weight_file.name} is empty (shape {shape}): "
                     "the weights were saved without gathering ZeRO-3 partitions"
                 )
             saved += count
+    if saved == 0:
+        raise PublishError(f"every tensor in {weights_dir} is empty")
     if expected_params and saved < min_fraction * expected_params:
         raise PublishError(
             f"saved weights hold {saved} elements but {expected_params} parameters were trained; "
@@ -183,56 +187,152 @@ def check_adapter(
     return saved
 
 
-def _publish_local(files: list[Path], local_dir: Path, target: Path, manifest: dict[str, Any]) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    (target / MANIFEST_NAME).unlink(missing_ok=True)
-    for path in files:
-        destination = target / path.relative_to(local_dir)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(destination.name + ".partial")
-        shutil.copyfile(path, partial)
-        os.replace(partial, destination)
-    partial_manifest = target / (MANIFEST_NAME + ".partial")
-    partial_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(partial_manifest, target / MANIFEST_NAME)
+class Destination:
+    """A folder to write to: a local (or PVC-mounted) path, or an S3 prefix.
 
+    Every S3 call goes through :func:`with_retries`; local writes go to a ``.partial``
+    name first and are renamed, so a reader never sees half a file.
+    """
 
-def _publish_s3(
-    files: list[Path],
-    local_dir: Path,
-    bucket: str,
-    prefix: str,
-    manifest: dict[str, Any],
-    client: S3Client,
-    policy: RetryPolicy,
-) -> None:
-    def key_for(relative: str) -> str:
-        return f"{prefix}/{relative}" if prefix else relative
+    def __init__(
+        self, uri: str, *, s3_client: S3Client | None = None, policy: RetryPolicy | None = None
+    ) -> None:
+        try:
+            target = parse_uri(uri)
+        except SourceError as error:
+            raise PublishError(str(error)) from error
+        self.uri = uri.rstrip("/")
+        self.policy = policy or RetryPolicy()
+        self.bucket = self.prefix = ""
+        self.path: Path | None = None
+        self._client = s3_client
+        if target.scheme == "s3":
+            self.bucket, self.prefix = target.authority, target.path
+        elif target.scheme == "file":
+            self.path = Path(target.path)
+        elif target.scheme == "pvc":
+            self.path = pvc_root() / target.authority / target.path
+        else:
+            raise PublishError(f"cannot write to {uri}: use s3://, pvc:// or file://")
 
-    manifest_key = key_for(MANIFEST_NAME)
-    with_retries(
-        lambda: client.delete_object(Bucket=bucket, Key=manifest_key),
-        f"removing the old manifest s3://{bucket}/{manifest_key}",
-        policy,
-    )
-    for path in files:
-        key = key_for(path.relative_to(local_dir).as_posix())
-        size = path.stat().st_size
+    @property
+    def client(self) -> S3Client:
+        if self._client is None:
+            self._client = make_s3_client()
+        return self._client
 
-        def upload_and_check(path: Path = path, key: str = key, size: int = size) -> None:
-            client.upload_file(str(path), bucket, key)
-            landed = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    def _key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def put_file(self, local: Path, relative: str) -> None:
+        if self.path is not None:
+            destination = self.path / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            partial = destination.with_name(destination.name + ".partial")
+            shutil.copyfile(local, partial)
+            os.replace(partial, destination)
+            return
+        key, size = self._key(relative), local.stat().st_size
+
+        def upload_and_check() -> None:
+            self.client.upload_file(str(local), self.bucket, key)
+            landed = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
             if landed != size:
-                raise ConnectionError(f"s3://{bucket}/{key} has {landed} bytes, expected {size}")
+                raise ConnectionError(f"s3://{self.bucket}/{key} has {landed} bytes, expected {size}")
 
-        with_retries(upload_and_check, f"uploading s3://{bucket}/{key}", policy)
-        log.info("uploaded s3://%s/%s (%d bytes)", bucket, key, size)
-    body = (json.dumps(manifest, indent=2) + "\n").encode()
-    with_retries(
-        lambda: client.put_object(Bucket=bucket, Key=manifest_key, Body=body, ContentType="application/json"),
-        f"writing the manifest s3://{bucket}/{manifest_key}",
-        policy,
-    )
+        with_retries(upload_and_check, f"uploading s3://{self.bucket}/{key}", self.policy)
+        log.info("uploaded s3://%s/%s (%d bytes)", self.bucket, key, size)
+
+    def put_json(self, relative: str, document: Mapping[str, Any]) -> None:
+        body = (json.dumps(document, indent=2) + "\n").encode()
+        if self.path is not None:
+            target = self.path / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_bytes(body)
+            os.replace(partial, target)
+            return
+        key = self._key(relative)
+        with_retries(
+            lambda: self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json"
+            ),
+            f"writing s3://{self.bucket}/{key}",
+            self.policy,
+        )
+
+    def get_json(self, relative: str) -> Any:
+        """The parsed document, or None when it does not exist."""
+        if self.path is not None:
+            target = self.path / relative
+            return json.loads(target.read_text()) if target.exists() else None
+        from botocore.exceptions import ClientError
+
+        key = self._key(relative)
+
+        def read() -> Any:
+            try:
+                return json.loads(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return with_retries(read, f"reading s3://{self.bucket}/{key}", self.policy)
+
+    def delete(self, relative: str) -> None:
+        """Delete one file, or everything under a folder when ``relative`` ends with '/'."""
+        if self.path is not None:
+            target = self.path / relative
+            if relative.endswith("/"):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            return
+        key = self._key(relative)
+        if not relative.endswith("/"):
+            with_retries(
+                lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+                f"deleting s3://{self.bucket}/{key}",
+                self.policy,
+            )
+            return
+        for sub in self._list_keys(key):
+            with_retries(
+                lambda sub=sub: self.client.delete_object(Bucket=self.bucket, Key=sub),
+                f"deleting s3://{self.bucket}/{sub}",
+                self.policy,
+            )
+
+    def _list_keys(self, prefix: str) -> list[str]:
+        def listing() -> list[str]:
+            keys: list[str] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                keys.extend(o["Key"] for o in page.get("Contents", []))
+            return keys
+
+        return with_retries(listing, f"listing s3://{self.bucket}/{prefix}", self.policy)
+
+    def folders(self) -> list[str]:
+        """Names of the immediate sub-folders."""
+        if self.path is not None:
+            return sorted(p.name for p in self.path.iterdir() if p.is_dir()) if self.path.exists() else []
+        base = self._key("")
+        names = {
+            key[len(base) :].split("/", 1)[0] for key in self._list_keys(base) if "/" in key[len(base) :]
+        }
+        return sorted(names)
+
+
+def upload_folder(local_dir: Path, destination: Destination, under: str = "") -> list[Path]:
+    """Copy every file under ``local_dir`` (the manifest excepted) to ``destination/under``."""
+    files = _local_files(local_dir)
+    for path in files:
+        relative = path.relative_to(local_dir).as_posix()
+        destination.put_file(path, f"{under.rstrip('/')}/{relative}" if under else relative)
+    return files
 
 
 def publish(
@@ -245,24 +345,16 @@ def publish(
     s3_client: S3Client | None = None,
     policy: RetryPolicy | None = None,
 ) -> dict[str, Any]:
-    """Publish every file under ``local_dir`` to ``destination_uri``, the manifest last; return the manifest."""
-    policy = policy or RetryPolicy()
-    files = _local_files(local_dir)
+    """Publish every file under ``local_dir`` to ``destination_uri``, the manifest last; return the manifest.
+
+    An old manifest goes first, so that while files are being replaced no manifest
+    vouches for a mix of old and new files.
+    """
     manifest = build_manifest(local_dir, metrics=metrics, spec_digest=spec_digest, extra=extra)
-    try:
-        target = parse_uri(destination_uri)
-    except SourceError as error:
-        raise PublishError(str(error)) from error
-    if target.scheme == "s3":
-        _publish_s3(
-            files, local_dir, target.authority, target.path, manifest, s3_client or make_s3_client(), policy
-        )
-    elif target.scheme == "file":
-        _publish_local(files, local_dir, Path(target.path), manifest)
-    elif target.scheme == "pvc":
-        _publish_local(files, local_dir, pvc_root() / target.authority / target.path, manifest)
-    else:
-        raise PublishError(f"cannot publish to {destination_uri}: use s3://, pvc:// or file://")
+    destination = Destination(destination_uri, s3_client=s3_client, policy=policy)
+    destination.delete(MANIFEST_NAME)
+    files = upload_folder(local_dir, destination)
+    destination.put_json(MANIFEST_NAME, manifest)
     manifest["uri"] = destination_uri
     log.info("published %d files (%d bytes) to %s", len(files), manifest["sizeBytes"], destination_uri)
     return manifest

@@ -107,7 +107,8 @@ def make_s3_client(
         read_timeout=60,
         s3={"addressing_style": "path"},
     )
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # A new session, not boto3's process-wide default one, which caches the credentials it first found.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def _download_timeout() -> float:

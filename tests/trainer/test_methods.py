@@ -1,0 +1,175 @@
+"""Every method trains on the CPU: the loss goes down on a learnable task, the frozen base
+stays as it was, the trained weights move, and what is published reloads with the same logits."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.trainer.conftest import cpu_job
+
+pytestmark = pytest.mark.trainer
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ATTENTION}},
+    "dora": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ATTENTION}},
+    "qlora": {
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ATTENTION},
+        "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"},
+    },
+    "adalora": {
+        "adalora": {
+            "initR": 8,
+            "targetR": 4,
+            "tinit": 2,
+            "tfinal": 4,
+            "deltaT": 2,
+            "dropout": 0.0,
+            "targetModules": ATTENTION,
+        }
+    },
+    "ia3": {},
+    "loha": {"loha": {"r": 4, "alpha": 8, "targetModules": ATTENTION}},
+    "lokr": {"lokr": {"r": 4, "alpha": 8, "targetModules": ATTENTION}},
+    "prefix": {"prefix": {"numVirtualTokens": 8, "projection": True, "encoderHiddenSize": 32}},
+    "prompt": {"prompt": {"numVirtualTokens": 8, "initText": "### Instruction"}},
+    "p-tuning": {"pTuning": {"numVirtualTokens": 8, "encoderHiddenSize": 32}},
+    "llama-adapter": {"llamaAdapter": {"adapterLen": 4, "adapterLayers": 2}},
+    "freeze": {"freeze": {"trainableLayers": 1}},
+    "full": {},
+}
+LEARNING_RATES = {
+    "full": 3e-3,
+    "freeze": 3e-3,
+    "lora": 1e-1,
+    "ia3": 1e-1,
+    "prompt": 1e-1,
+    "llama-adapter": 1e-1,
+}
+STEPS = 40
+# Virtual tokens and zero-initialised gates steer a random-weight base only weakly: for these the
+# test asks for a lower loss, not 5% lower.
+SLOW_LEARNERS = {"prompt", "p-tuning", "llama-adapter", "ia3"}
+
+
+def a_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    texts = [
+        "### Instruction:\nWhat color is this?\n\n### Input:\nsky\n\n### Response:\n",
+        "Count up from two.",
+    ]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+
+def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def reload_published(method: str, base_dir: Path, published: Path, spec: Any) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.methods import quantization_config
+
+    if method in ("freeze", "full"):
+        return AutoModelForCausalLM.from_pretrained(published)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization_config(spec))
+    return PeftModel.from_pretrained(base, published)
+
+
+def base_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The frozen base's tensors under their original names (peft wraps layers as base_layer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = {}
+    for name, tensor in base.state_dict().items():
+        if any(part in name for part in ("lora_", "hada_", "lokr_", "ia3_", "adaption_", "trainable_tokens")):
+            continue
+        names[name.replace(".base_layer", "").replace("self_attn.model.", "self_attn.")] = tensor
+    return names
+
+
+def untrained_model(job: Any, model_dir: Path, steps: int) -> Any:
+    """The model as the run built it before its first step: same seed, same pipeline functions."""
+    import transformers
+
+    from kubetune_trainer.data import TaskData
+    from kubetune_trainer.estimate import num_layers
+    from kubetune_trainer.methods import MethodContext, apply_method, embedding_modules
+    from kubetune_trainer.train import load_model, load_tokenizer
+
+    spec = job.build().spec
+    transformers.set_seed(spec.training.seed)
+    tokenizer, new_ids = load_tokenizer(model_dir, spec)
+    model = load_model(spec, model_dir, tokenizer, TaskData(train=None, validation=None))  # type: ignore[arg-type]
+    context = MethodContext(
+        total_steps=steps,
+        tokenizer_path=str(model_dir),
+        num_layers=num_layers(model.config),
+        new_token_ids=new_ids,
+        embedding_modules=embedding_modules(model, spec),
+    )
+    return apply_method(model, spec, context)
+
+
+def loss_on(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch, labels=batch["input_ids"]).loss)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
+    method: str, tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "out"
+    job = cpu_job(
+        tiny_llama_dir,
+        data_dir / "text.jsonl",
+        output,
+        method={"type": method, **copy.deepcopy(METHODS[method])},
+        dataset={"format": "text"},
+        training={"learningRate": LEARNING_RATES.get(method, 3e-2), "maxSteps": STEPS},
+    )
+    before = untrained_model(job, tiny_llama_dir, STEPS)
+    result = run_job(job)
+
+    # Learning: the loss on a fixed batch of training text goes down, and every trained tensor moved.
+    batch = dict(
+        tokenizer(["zero one two three four five", "two three four five six seven"], return_tensors="pt")
+    )
+    assert loss_on(result.model, batch) < (1.0 if method in SLOW_LEARNERS else 0.95) * loss_on(before, batch)
+    initial = {n: p.detach().clone() for n, p in before.named_parameters() if p.requires_grad}
+    trained = dict(result.model.named_parameters())
+    unchanged = [n for n, tensor in initial.items() if torch.equal(tensor, trained[n].detach())]
+    if method == "adalora":  # a layer whose whole rank budget was pruned keeps its zero singular values
+        unchanged = [n for n in unchanged if not ("lora_E" in n and not trained[n].any())]
+    assert initial and not unchanged, unchanged
+
+    # The frozen base is untouched (freeze: only the last block moved; full: everything may).
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    base = base_weights(result.model)
+    if method == "freeze":
+        assert torch.equal(
+            base["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"]
+        )
+        assert not torch.equal(
+            base["model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"]
+        )
+    elif method not in ("full", "qlora"):  # a quantized base is checked through its reload below
+        compared = [name for name in original if name in base]
+        assert len(compared) >= len(original) - 1, sorted(set(original) - set(base))
+        assert [name for name in compared if not torch.equal(base[name], original[name])] == []
+
+    # What was published reloads onto a fresh base with the logits of the trained model.
+    reloaded = reload_published(method, tiny_llama_dir, output, job.build().spec)
+    torch.testing.assert_close(
+        logits_of(reloaded, batch), logits_of(result.model, batch), rtol=1e-4, atol=1e-4
+    )
+    assert result.manifest is not None and result.manifest["trainableParams"] == result.trainable_params

@@ -1,0 +1,661 @@
+"""The training pipeline: spec -> sources -> tokenizer and data -> model and method ->
+Trainer (metrics, checkpoints, preemption, AdaLoRA) -> evaluation -> save -> publish.
+
+Each phase is a plain function; :func:`run` strings them together. Every process of the
+job runs the same code (torchrun starts them); rank 0 alone publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, LearningRateGroup, MethodType, Task
+
+from . import distributed
+from .checkpoint import CheckpointStore, CheckpointSyncCallback, PreemptionCallback, barrier
+from .data import TaskData, build_task_data, collator_for, load_rows
+from .deepspeed_config import build_deepspeed_config
+from .estimate import GIB, estimate, num_layers
+from .methods import (
+    MethodContext,
+    apply_method,
+    check_combination,
+    count_parameters,
+    embedding_modules,
+    expected_saved_fraction,
+    method_for,
+    quantization_config,
+)
+from .metrics import MetricsCallback, MetricsServer, TrainingMetrics
+from .publish import check_adapter, publish
+from .storage import resolve_source
+from .termination import DataError, InsufficientGPUMemory
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_BYTES"
+MODEL_CLASSES: dict[Task, Any] = {
+    Task.CAUSAL_LM: AutoModelForCausalLM,
+    Task.SEQ_CLS: AutoModelForSequenceClassification,
+    Task.TOKEN_CLS: AutoModelForTokenClassification,
+    Task.QUESTION_ANSWERING: AutoModelForQuestionAnswering,
+}
+LABEL_NAMES = {
+    Task.CAUSAL_LM: ["labels"],
+    Task.SEQ_CLS: ["labels"],
+    Task.TOKEN_CLS: ["labels"],
+    Task.QUESTION_ANSWERING: ["start_positions", "end_positions"],
+}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    """What a run produced; ``manifest`` is set on rank 0 when something was published."""
+
+    global_step: int
+    trainable_params: int
+    total_params: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    preempted: bool = False
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None
+    """The trained model (for callers in the same process, such as tests and chained rounds)."""
+
+
+# ----------------------------------------------------------------------------------- spec
+
+
+def load_job(path: Path) -> tuple[FineTuneJob, str]:
+    """The job from the spec file (JSON from the ConfigMap, or YAML locally) and its sha256.
+
+    The hash is over the file's bytes, which is how the operator hashes the ConfigMap's
+    document, so a published manifest names the exact spec that made it.
+    """
+    raw = path.read_bytes()
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError:
+        import yaml
+
+        document = yaml.safe_load(raw)
+    return FineTuneJob.model_validate(document), hashlib.sha256(raw).hexdigest()
+
+
+def job_identity(job: FineTuneJob) -> tuple[str, str]:
+    """Job name and namespace: the renderer's env wins over the spec's metadata."""
+    return (
+        os.environ.get("KUBETUNE_JOB_NAME") or job.name,
+        os.environ.get("KUBETUNE_NAMESPACE") or job.namespace,
+    )
+
+
+def checkpoint_uri(spec: FineTuneJobSpec) -> str:
+    return spec.checkpoint.uri or f"{spec.output.uri.rstrip('/')}/checkpoints"
+
+
+# ------------------------------------------------------------------------------- pre-flight
+
+
+def available_gpu_memory() -> int | None:
+    """Bytes of one GPU (``KUBETUNE_GPU_MEMORY_BYTES`` overrides; None on a CPU-only machine)."""
+    if os.environ.get(GPU_MEMORY_ENV):
+        return int(os.environ[GPU_MEMORY_ENV])
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
+
+
+def preflight(spec: FineTuneJobSpec, config: Any) -> None:
+    """Refuse a job that cannot fit on its GPUs before any weight is loaded."""
+    capacity = available_gpu_memory()
+    if capacity is None:
+        return
+    needed = estimate(spec, config, world_size=distributed.world_size()).per_gpu_memory_bytes
+    log.info("pre-flight: ~%.2f GiB per GPU of %.2f GiB", needed / GIB, capacity / GIB)
+    if needed > capacity:
+        raise InsufficientGPUMemory(
+            f"needs ~{needed / GIB:.1f} GiB per GPU, has {capacity / GIB:.1f} GiB "
+            "(try qlora, gradientCheckpointing, a smaller batchSizePerDevice or maxSeqLength, "
+            "or deepspeed zeroStage 3 with CPU offload)"
+        )
+
+
+# ---------------------------------------------------------------------------- tokenizer, data
+
+
+def load_tokenizer(model_dir: Path, spec: FineTuneJobSpec) -> tuple[PreTrainedTokenizerBase, tuple[int, ...]]:
+    """The model's tokenizer with a pad token and the spec's added tokens; returns the new token ids."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    new_ids: tuple[int, ...] = ()
+    if spec.model.added_tokens:
+        tokenizer.add_tokens(list(spec.model.added_tokens))
+        new_ids = tuple(int(tokenizer.convert_tokens_to_ids(token)) for token in spec.model.added_tokens)
+    return tokenizer, new_ids
+
+
+def build_data(
+    spec: FineTuneJobSpec, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments
+) -> TaskData:
+    """Rank 0 of each node tokenizes first (and fills the datasets cache); the others then read it."""
+    data_path = resolve_source(spec.dataset.source)
+    with args.main_process_first(desc="tokenizing the dataset", local=True):
+        rows = load_rows(data_path, file_type=spec.dataset.file_type)
+        data = build_task_data(rows, tokenizer, spec.dataset, spec.model.task, seed=spec.training.seed)
+    if (
+        spec.model.num_labels is not None
+        and data.num_labels is not None
+        and data.num_labels > spec.model.num_labels
+    ):
+        raise DataError(
+            f"the dataset has {data.num_labels} labels but model.numLabels is {spec.model.num_labels}"
+        )
+    log.info("dataset: %d training and %d validation examples", len(data.train), len(data.validation or []))
+    return data
+
+
+def total_steps(spec: FineTuneJobSpec, train_examples: int) -> int:
+    """Optimizer steps of the whole run, as the Trainer will count them."""
+    if spec.training.max_steps:
+        return spec.training.max_steps
+    per_process_batches = math.ceil(
+        train_examples / (spec.training.batch_size_per_device * distributed.world_size())
+    )
+    per_epoch = max(per_process_batches // spec.training.gradient_accumulation_steps, 1)
+    return max(math.ceil(spec.training.epochs * per_epoch), 1)
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+def weights_dtype(spec: FineTuneJobSpec) -> torch.dtype:
+    """Frozen weights in the training precision; full and freeze keep fp32 weights under autocast."""
+    if method_for(spec).quantized:
+        return getattr(torch, spec.method.effective_quantization.compute_dtype)  # type: ignore[no-any-return]
+    if spec.method.type in (MethodType.FULL, MethodType.FREEZE):
+        return torch.float32
+    return TORCH_DTYPES[spec.training.precision]
+
+
+def load_model(
+    spec: FineTuneJobSpec, model_dir: Path, tokenizer: PreTrainedTokenizerBase, data: TaskData
+) -> Any:
+    """The base model for the task, quantized for QLoRA, with room for added tokens."""
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(spec), "trust_remote_code": spec.model.trust_remote_code}
+    if spec.model.task in (Task.SEQ_CLS, Task.TOKEN_CLS):
+        kwargs["num_labels"] = spec.model.num_labels or data.num_labels
+        if data.id2label:
+            kwargs["id2label"] = data.id2label
+            kwargs["label2id"] = {label: index for index, label in data.id2label.items()}
+    quantization = quantization_config(spec)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available() and spec.deepspeed is None:
+            kwargs["device_map"] = {"": distributed.local_rank()}
+    model = MODEL_CLASSES[spec.model.task].from_pretrained(model_dir, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.model.added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+class KubetuneTrainer(Trainer):  # type: ignore[misc]
+    """The Trainer with per-group learning rates and DeepSpeed's CPU Adam for offloaded optimizer state."""
+
+    def __init__(
+        self,
+        *args: Any,
+        learning_rate_groups: Sequence[LearningRateGroup] = (),
+        cpu_adam: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.learning_rate_groups = [(re.compile(g.match), g) for g in learning_rate_groups]
+        self.cpu_adam = cpu_adam
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """One group per (learning rate, weight decay); a parameter joins the first matching spec group."""
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, float, float], list[torch.nn.Parameter]] = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            match = next((g for pattern, g in self.learning_rate_groups if pattern.search(name)), None)
+            label = match.name if match else "default"
+            rate = match.learning_rate if match else self.args.learning_rate
+            weight_decay = (
+                match.weight_decay if match and match.weight_decay is not None else self.args.weight_decay
+            )
+            groups.setdefault((label, rate, weight_decay if name in decay else 0.0), []).append(parameter)
+        return [
+            {"params": params, "lr": rate, "weight_decay": wd, "group_name": label}
+            for (label, rate, wd), params in groups.items()
+        ]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """AdaLoRA checkpoints keep whole (unpruned) tensors, so that resuming can load them and
+        their optimizer state; the rank pattern reached so far is saved beside them."""
+        config = adalora_config_of(self.model)
+        if config is None:
+            super()._save_checkpoint(model, trial)
+            return
+        pattern = config.rank_pattern
+        config.rank_pattern = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            config.rank_pattern = pattern
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if pattern is not None and self.args.should_save:
+            (folder / ADALORA_RANK_PATTERN_FILE).write_text(json.dumps(pattern))
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None or not (self.learning_rate_groups or self.cpu_adam):
+            return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+        groups = self.parameter_groups(self.model if model is None else model)
+        for group in groups:
+            log.info(
+                "parameter group %s: %d tensors, lr %g",
+                group["group_name"],
+                len(group["params"]),
+                group["lr"],
+            )
+        if self.cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            self.optimizer = DeepSpeedCPUAdam(
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                weight_decay=self.args.weight_decay,
+                adamw_mode=True,
+            )
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+
+ADALORA_RANK_PATTERN_FILE = "kubetune-adalora-rank-pattern.json"
+
+
+def adalora_config_of(model: Any) -> Any:
+    """The AdaLoRA config of a peft model, or None for any other model."""
+    from peft import AdaLoraConfig
+
+    config = getattr(model, "peft_config", {}).get("default")
+    return config if isinstance(config, AdaLoraConfig) else None
+
+
+def restore_adalora_ranks(model: Any, checkpoint: Path) -> None:
+    """Put back the rank pattern a resumed AdaLoRA run had reached (its masks continue from there)."""
+    config = adalora_config_of(model)
+    pattern_file = checkpoint / ADALORA_RANK_PATTERN_FILE
+    if config is not None and pattern_file.exists():
+        config.rank_pattern = json.loads(pattern_file.read_text())
+
+
+class AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
+    """AdaLoRA reallocates ranks from the gradients: after each optimizer step, before zero_grad."""
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs["model"]
+        peft_model = getattr(model, "module", model)  # DDP wraps it
+        peft_model.base_model.update_and_allocate(state.global_step)
+
+
+def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: bool) -> TrainingArguments:
+    """The Trainer's arguments from the spec. Creating them also sets up torch.distributed."""
+    training = spec.training
+    evaluate_during = has_validation and training.eval_every_steps is not None
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(workdir / "checkpoints"),
+        per_device_train_batch_size=training.batch_size_per_device,
+        per_device_eval_batch_size=training.batch_size_per_device,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        optim=training.optimizer,
+        max_grad_norm=training.max_grad_norm,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        bf16=training.precision == "bf16",
+        fp16=training.precision == "fp16",
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.log_every_steps,
+        eval_strategy="steps" if evaluate_during else "no",
+        eval_steps=training.eval_every_steps if evaluate_during else None,
+        save_strategy="steps",
+        save_steps=spec.checkpoint.every_steps,
+        save_total_limit=spec.checkpoint.keep,
+        deepspeed=build_deepspeed_config(spec),
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        label_names=LABEL_NAMES[spec.model.task],
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=not on_gpu,
+        dataloader_pin_memory=on_gpu,
+        disable_tqdm=not sys.stderr.isatty(),
+        log_level="warning",
+        log_level_replica="warning",
+    )
+
+
+def classification_metrics(task: Task) -> Any:
+    """compute_metrics for seq-cls, token-cls (accuracy and macro F1) and QA (exact span accuracy)."""
+
+    def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+        scores = []
+        for label in np.unique(np.concatenate([labels, predictions])):
+            true_positive = np.sum((predictions == label) & (labels == label))
+            precision_den, recall_den = np.sum(predictions == label), np.sum(labels == label)
+            if precision_den == 0 or recall_den == 0 or true_positive == 0:
+                scores.append(0.0)
+                continue
+            precision, recall = true_positive / precision_den, true_positive / recall_den
+            scores.append(2 * precision * recall / (precision + recall))
+        return float(np.mean(scores)) if scores else 0.0
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        logits, labels = prediction.predictions, prediction.label_ids
+        if task == Task.QUESTION_ANSWERING:
+            start_logits, end_logits = logits[0], logits[1]
+            starts, ends = labels[0], labels[1]
+            exact = (start_logits.argmax(-1) == starts) & (end_logits.argmax(-1) == ends)
+            return {"accuracy": float(exact.mean())}
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        predictions = logits.argmax(-1)
+        if task == Task.TOKEN_CLS:
+            keep = labels != -100
+            predictions, labels = predictions[keep], labels[keep]
+        return {"accuracy": float((predictions == labels).mean()), "f1": macro_f1(predictions, labels)}
+
+    return compute
+
+
+def start_metrics(job: FineTuneJob) -> tuple[TrainingMetrics, MetricsServer | None]:
+    """The exporter; served by each node's local rank 0 (one endpoint per pod)."""
+    name, namespace = job_identity(job)
+    metrics = TrainingMetrics(name, namespace, job.spec.method.type.value)
+    server = None
+    if distributed.is_local_main_process():
+        port = int(os.environ.get(METRICS_PORT_ENV, job.spec.metrics.port))
+        try:
+            server = metrics.serve(port)
+            log.info("metrics on :%d/metrics", server.port)
+        except OSError as error:
+            log.warning("metrics endpoint not started on port %d: %s", port, error)
+    return metrics, server
+
+
+# -------------------------------------------------------------------------------- saving
+
+
+def save_adapter(
+    trainer: Trainer,
+    spec: FineTuneJobSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    initial_adapter: Path | None,
+) -> None:
+    """Save what was trained (all ranks take part: ZeRO-3 gathers), plus the tokenizer."""
+    if initial_adapter is not None:
+        # PiSSA/OLoRA changed the base weights; converting gives a plain LoRA (rank 2r) for the original base.
+        if distributed.is_main_process():
+            trainer.model.save_pretrained(
+                target, path_initial_model_for_weight_conversion=str(initial_adapter)
+            )
+    else:
+        trainer.save_model(str(target))
+    if distributed.is_main_process():
+        tokenizer.save_pretrained(target)
+        for leftover in ("training_args.bin",):
+            (target / leftover).unlink(missing_ok=True)
+    barrier()
+
+
+def merge_into_base(
+    spec: FineTuneJobSpec,
+    model_dir: Path,
+    adapter_dir: Path,
+    target: Path,
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Rank 0: load the unquantized base and the adapter afresh, merge, save the whole model.
+
+    Loading afresh (not merging the training model) works the same after ZeRO-3 and QLoRA:
+    the merged weights are never partitioned or re-quantized.
+    """
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # otherwise from_pretrained would be a collective
+    dtype = TORCH_DTYPES[spec.training.precision]
+    base = MODEL_CLASSES[spec.model.task].from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=spec.model.trust_remote_code
+    )
+    if spec.model.added_tokens:
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def run(job: FineTuneJob, spec_digest: str, workdir: Path) -> RunResult:
+    """Train ``job`` in this process (one of the job's ranks) and, on rank 0, publish the result."""
+    spec = job.spec
+    transformers.set_seed(spec.training.seed)
+    check_combination(spec)
+    metrics, server = start_metrics(job)
+    try:
+        return _run(job, spec, spec_digest, workdir, metrics)
+    finally:
+        linger = float(os.environ.get("KUBETUNE_METRICS_LINGER_SECONDS", "0"))
+        if server is not None:
+            if linger > 0:
+                import time
+
+                time.sleep(linger)  # one more scrape of the final values
+            server.close()
+
+
+def _run(
+    job: FineTuneJob, spec: FineTuneJobSpec, spec_digest: str, workdir: Path, metrics: TrainingMetrics
+) -> RunResult:
+    model_dir = resolve_source(spec.model.source, spec.model.revision)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    if distributed.is_main_process():
+        preflight(spec, config)
+    tokenizer, new_token_ids = load_tokenizer(model_dir, spec)
+    # Created before the model loads: under ZeRO-3 the arguments make from_pretrained partition it.
+    args = training_arguments(spec, workdir, has_validation=spec.dataset.validation_split > 0)
+    data = build_data(spec, tokenizer, args)
+    steps = total_steps(spec, len(data.train))
+
+    model = load_model(spec, model_dir, tokenizer, data)
+    context = MethodContext(
+        task=spec.model.task,
+        total_steps=steps,
+        tokenizer_path=str(model_dir),
+        num_layers=num_layers(config),
+        new_token_ids=new_token_ids,
+        embedding_modules=embedding_modules(model, spec),
+    )
+    model = apply_method(model, spec, context)
+    trainable, total = count_parameters(model)
+    metrics.trainable_parameters.set(trainable)
+    metrics.parameters.set(total)
+    if distributed.is_main_process():
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f}",
+            flush=True,
+        )
+
+    initial_adapter = None
+    if spec.method.type in (MethodType.LORA, MethodType.DORA) and spec.method.effective_lora.init in (
+        "pissa",
+        "olora",
+    ):
+        initial_adapter = workdir / "initial-adapter"
+        if distributed.is_main_process():
+            model.peft_config["default"].init_lora_weights = True  # saved as a plain LoRA init
+            model.save_pretrained(initial_adapter)
+            model.peft_config["default"].init_lora_weights = spec.method.effective_lora.init
+        barrier()
+
+    store = CheckpointStore(checkpoint_uri(spec))
+    preemption = PreemptionCallback()
+    samples_per_step = spec.training.batch_size_per_device * spec.training.gradient_accumulation_steps
+    callbacks: list[TrainerCallback] = [
+        MetricsCallback(metrics, samples_per_step * distributed.world_size()),
+        CheckpointSyncCallback(store, spec.checkpoint.keep, spec_digest, metrics),
+        preemption,
+    ]
+    if spec.method.type == MethodType.ADALORA:
+        callbacks.append(AdaLoraCallback())
+    trainer = KubetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=collator_for(spec.model.task, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=None
+        if spec.model.task == Task.CAUSAL_LM
+        else classification_metrics(spec.model.task),
+        callbacks=callbacks,
+        learning_rate_groups=spec.training.learning_rate_groups,
+        cpu_adam=spec.deepspeed is not None and spec.deepspeed.offload_optimizer == "cpu",
+    )
+    resume = store.newest(spec_digest)
+    if resume is not None:
+        restore_adalora_ranks(trainer.model, resume)
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = RunResult(
+        trainer.state.global_step,
+        trainable,
+        total,
+        preempted=preemption.stopped,
+        log_history=list(trainer.state.log_history),
+        model=trainer.model,
+    )
+    result.metrics["train_loss"] = float(train_output.training_loss)
+    if preemption.stopped:
+        return result
+
+    if data.validation is not None:
+        evaluation = trainer.evaluate()
+        if spec.model.task == Task.CAUSAL_LM and "eval_loss" in evaluation:
+            evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+        metrics.record_eval(evaluation)
+        result.metrics.update(
+            {
+                k: float(v)
+                for k, v in evaluation.items()
+                if k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1")
+            }
+        )
+
+    adapter_dir = workdir / "adapter"
+    if distributed.is_main_process() and adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    save_adapter(trainer, spec, tokenizer, adapter_dir, initial_adapter)
+    if distributed.is_main_process():
+        result.manifest = publish_result(
+            job, spec, spec_digest, model_dir, adapter_dir, tokenizer, result, workdir
+        )
+    barrier()
+    return result
+
+
+def publish_result(
+    job: FineTuneJob,
+    spec: FineTuneJobSpec,
+    spec_digest: str,
+    model_dir: Path,
+    adapter_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    result: RunResult,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Rank 0: check the saved weights, merge them if asked, publish with the manifest last."""
+    fraction = expected_saved_fraction(spec)
+    adapter_methods = method_for(spec).peft_config is not None
+    expected = int(result.trainable_params * fraction) if fraction is not None and adapter_methods else None
+    check_adapter(adapter_dir, expected if adapter_methods else result.total_params)
+    published = adapter_dir
+    if spec.output.merge_weights and adapter_methods:
+        published = workdir / "merged"
+        shutil.rmtree(published, ignore_errors=True)
+        merge_into_base(spec, model_dir, adapter_dir, published, tokenizer)
+        check_adapter(published, result.total_params)
+    name, namespace = job_identity(job)
+    return publish(
+        published,
+        spec.output.uri,
+        metrics=result.metrics,
+        spec_digest=spec_digest,
+        extra={
+            "job": {"name": name, "namespace": namespace},
+            "method": spec.method.type.value,
+            "task": spec.model.task.value,
+            "baseModel": {"source": spec.model.source, "revision": spec.model.revision},
+            "merged": published != adapter_dir,
+            "trainableParams": result.trainable_params,
+            "totalParams": result.total_params,
+            "globalStep": result.global_step,
+        },
+    )
