@@ -149,7 +149,7 @@ def data_dir() -> Path:
 
 
 def cpu_job(
-    model: Path | str, data: Path | str, output: Path | str, *, name: str = "demo", **spec: Any
+    model: Path | str, data: Path | str, output: Path | str, /, *, name: str = "demo", **spec: Any
 ) -> Any:
     """A FineTuneJob builder for a small fp32 run on this CPU; ``spec`` fields override the defaults."""
     from tests.builders import a_job

@@ -10,6 +10,7 @@ Names follow the Prometheus conventions: ``kubetune_train_`` prefix, base units
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+log = logging.getLogger(__name__)
 
 LABELS = ("finetunejob", "namespace", "method")
 
@@ -156,6 +159,8 @@ class MetricsCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         self.metrics.total_steps.set(state.max_steps)
         self.metrics.step.set(state.global_step)
+        if state.is_world_process_zero:
+            log.info("training from step %d of %d", state.global_step, state.max_steps)
         self._window_start = (time.monotonic(), state.global_step, int(state.num_input_tokens_seen or 0))
         self.metrics.touch()
 

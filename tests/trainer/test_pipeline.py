@@ -1,0 +1,226 @@
+"""Whole runs as a pod would do them: sources and outputs in S3, a Prometheus scraping the
+trainer, merged weights, learning-rate groups, added tokens, the classification and QA heads."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.support.seaweedfs import SeaweedFS
+from tests.trainer.conftest import cpu_job
+from tests.trainer.test_methods import logits_of, untrained_model
+
+pytestmark = pytest.mark.trainer
+
+LORA = {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}}
+
+
+def upload_folder(client: Any, bucket: str, prefix: str, folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def test_a_pod_reads_model_and_data_from_s3_publishes_there_and_is_scraped_by_prometheus(
+    s3_env: SeaweedFS,
+    prometheus_factory: Any,
+    tiny_llama_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.support.seaweedfs import free_port
+
+    from kubetune_trainer.train import run
+
+    client = s3_env.client()
+    bucket = s3_env.new_bucket("ml")
+    upload_folder(client, bucket, "models/tiny", tiny_llama_dir)
+    client.upload_file(str(data_dir / "alpaca.jsonl"), bucket, "data/alpaca.jsonl")
+    port = free_port()
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(port))
+    monkeypatch.setenv("KUBETUNE_METRICS_LINGER_SECONDS", "4")
+    monkeypatch.setenv("KUBETUNE_JOB_NAME", "support-bot")
+    monkeypatch.setenv("KUBETUNE_NAMESPACE", "ml")
+    prometheus = prometheus_factory([f"127.0.0.1:{port}"])
+    scraped: list[Any] = []
+    poller = threading.Thread(
+        target=lambda: scraped.extend(
+            prometheus.wait_for('kubetune_train_loss{finetunejob="support-bot"}', 60)
+        ),
+        daemon=True,
+    )
+    poller.start()
+
+    job = cpu_job(
+        f"s3://{bucket}/models/tiny",
+        f"s3://{bucket}/data/alpaca.jsonl",
+        f"s3://{bucket}/adapters/support-bot",
+        method=LORA,
+        checkpoint={"everySteps": 10, "keep": 1},
+    ).build()
+    result = run(job, "spec-digest", tmp_path / "work")
+    poller.join(timeout=30)
+
+    assert scraped and float(scraped[0]["value"][1]) > 0
+    assert scraped[0]["metric"]["namespace"] == "ml" and scraped[0]["metric"]["method"] == "lora"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="adapters/")["Contents"]}
+    assert "adapters/support-bot/kubetune-manifest.json" in keys
+    assert "adapters/support-bot/adapter_model.safetensors" in keys
+    assert "adapters/support-bot/checkpoints/checkpoint-20/kubetune-checkpoint.json" in keys
+    assert not any(k.startswith("adapters/support-bot/checkpoints/checkpoint-10/") for k in keys)  # keep: 1
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key="adapters/support-bot/kubetune-manifest.json")["Body"].read()
+    )
+    assert manifest["specHash"] == "spec-digest" and manifest["metrics"]["eval_loss"] > 0
+    assert manifest["trainableParams"] == result.trainable_params
+    assert manifest["job"] == {"name": "support-bot", "namespace": "ml"}
+
+
+def test_merged_lora_gives_the_logits_of_the_adapter(
+    tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    job = cpu_job(
+        tiny_llama_dir,
+        data_dir / "alpaca.jsonl",
+        tmp_path / "merged",
+        method=LORA,
+        output={"mergeWeights": True},
+        training={"maxSteps": 10},
+    )
+    result = run_job(job)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert result.manifest is not None and result.manifest["merged"] is True
+    batch = dict(tokenizer(["### Instruction:\nCount up from two.\n\n### Response:\n"], return_tensors="pt"))
+    torch.testing.assert_close(logits_of(merged, batch), logits_of(result.model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_learning_rate_groups_give_matching_parameters_their_own_rate(
+    tiny_llama_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
+) -> None:
+    job = cpu_job(
+        tiny_llama_dir,
+        data_dir / "alpaca.jsonl",
+        tmp_path / "out",
+        method=LORA,
+        training={
+            "maxSteps": 5,
+            "learningRateGroups": [{"name": "queries", "match": r"q_proj\.lora_", "learningRate": 1e-9}],
+        },
+    )
+    before = {
+        n: p.detach().clone()
+        for n, p in untrained_model(job, tiny_llama_dir, 5).named_parameters()
+        if p.requires_grad
+    }
+    result = run_job(job)
+    after = dict(result.model.named_parameters())
+    moved = {n: float((after[n].detach() - before[n]).abs().max()) for n in before}
+    assert all(moved[n] < 1e-6 for n in moved if "q_proj" in n)
+    assert all(moved[n] > 1e-4 for n in moved if "v_proj" in n)
+
+
+def test_added_tokens_are_in_the_published_tokenizer_and_their_embeddings_train(
+    tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = cpu_job(
+        tiny_llama_dir,
+        data_dir / "alpaca.jsonl",
+        tmp_path / "out",
+        method=LORA,
+        model={"addedTokens": ["<color>", "<count>"]},
+        training={"maxSteps": 5},
+    )
+    result = run_job(job)
+    published = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(published) == len(tokenizer) + 2 and published.convert_tokens_to_ids("<color>") == len(
+        tokenizer
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base.resize_token_embeddings(len(published))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "out")
+    batch = dict(published(["<color> sky <count>"], return_tensors="pt"))
+    torch.testing.assert_close(
+        logits_of(reloaded, batch), logits_of(result.model, batch), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_minilm_with_lora_for_seq_cls_beats_its_untrained_accuracy(
+    minilm_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
+) -> None:
+    job = cpu_job(
+        minilm_dir,
+        data_dir / "sentiment.jsonl",
+        tmp_path / "out",
+        model={"task": "seq-cls", "numLabels": 2},
+        dataset={"format": "text", "validationSplit": 0.25, "maxSeqLength": 32},
+        method={
+            "type": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
+        },
+        training={"maxSteps": 30, "learningRate": 5e-3, "batchSizePerDevice": 16},
+    )
+    untrained = run_job(
+        cpu_job(
+            minilm_dir,
+            data_dir / "sentiment.jsonl",
+            tmp_path / "untrained",
+            model={"task": "seq-cls", "numLabels": 2},
+            dataset={"format": "text", "validationSplit": 0.25, "maxSeqLength": 32},
+            method={
+                "type": "lora",
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
+            },
+            training={"maxSteps": 1, "learningRate": 1e-9, "batchSizePerDevice": 16},
+        ),
+        tmp_path / "work-untrained",
+    )
+    trained = run_job(job)
+    assert trained.metrics["eval_accuracy"] >= 0.9
+    assert trained.metrics["eval_accuracy"] > untrained.metrics["eval_accuracy"] + 0.2
+    assert 0 < trained.metrics["eval_f1"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("task", "data", "columns"),
+    [
+        ("token-cls", "ner.jsonl", {"text": "tokens", "label": "ner_tags"}),
+        ("question-answering", "qa.jsonl", {}),
+    ],
+)
+def test_token_classification_and_question_answering_train_and_evaluate(
+    task: str,
+    data: str,
+    columns: dict[str, str],
+    minilm_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    run_job: Any,
+) -> None:
+    model: dict[str, Any] = {"task": task, **({"numLabels": 3} if task == "token-cls" else {})}
+    job = cpu_job(
+        minilm_dir,
+        data_dir / data,
+        tmp_path / "out",
+        model=model,
+        dataset={"format": "text", "validationSplit": 0.2, "maxSeqLength": 48, "columns": columns},
+        method={
+            "type": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
+        },
+        training={"maxSteps": 30, "learningRate": 1e-2},
+    )
+    result = run_job(job)
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert result.metrics["eval_accuracy"] > 0.5
