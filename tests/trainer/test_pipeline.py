@@ -155,37 +155,31 @@ def test_added_tokens_are_in_the_published_tokenizer_and_their_embeddings_train(
     )
 
 
-def test_minilm_with_lora_for_seq_cls_beats_its_untrained_accuracy(
-    minilm_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
-) -> None:
-    job = cpu_job(
+def minilm_sentiment_job(
+    minilm_dir: Path, data_dir: Path, output: Path, steps: int, learning_rate: float
+) -> Any:
+    return cpu_job(
         minilm_dir,
         data_dir / "sentiment.jsonl",
-        tmp_path / "out",
+        output,
         model={"task": "seq-cls", "numLabels": 2},
         dataset={"format": "text", "validationSplit": 0.25, "maxSeqLength": 32},
         method={
             "type": "lora",
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
         },
-        training={"maxSteps": 30, "learningRate": 5e-3, "batchSizePerDevice": 16},
+        training={"maxSteps": steps, "learningRate": learning_rate, "batchSizePerDevice": 16},
     )
+
+
+def test_minilm_with_lora_for_seq_cls_beats_its_untrained_accuracy(
+    minilm_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
+) -> None:
+    # One step at a negligible rate: the pretrained encoder with a fresh head, as a baseline.
     untrained = run_job(
-        cpu_job(
-            minilm_dir,
-            data_dir / "sentiment.jsonl",
-            tmp_path / "untrained",
-            model={"task": "seq-cls", "numLabels": 2},
-            dataset={"format": "text", "validationSplit": 0.25, "maxSeqLength": 32},
-            method={
-                "type": "lora",
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
-            },
-            training={"maxSteps": 1, "learningRate": 1e-9, "batchSizePerDevice": 16},
-        ),
-        tmp_path / "work-untrained",
+        minilm_sentiment_job(minilm_dir, data_dir, tmp_path / "baseline", 1, 1e-9), tmp_path / "w0"
     )
-    trained = run_job(job)
+    trained = run_job(minilm_sentiment_job(minilm_dir, data_dir, tmp_path / "out", 30, 5e-3), tmp_path / "w1")
     assert trained.metrics["eval_accuracy"] >= 0.9
     assert trained.metrics["eval_accuracy"] > untrained.metrics["eval_accuracy"] + 0.2
     assert 0 < trained.metrics["eval_f1"] <= 1

@@ -160,7 +160,7 @@ def check_adapter(
     Returns the number of saved elements. ``expected_params`` is the count of trainable
     parameters the run reported (gathered across ZeRO-3 partitions).
     """
-    weight_files = sorted(weights_dir.rglob("*.safetensors"))
+    weight_files = sorted(weights_dir.glob("*.safetensors"))
     if not weight_files:
         raise PublishError(f"no .safetensors weights in {weights_dir}")
     saved = 0

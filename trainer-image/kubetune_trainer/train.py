@@ -521,6 +521,12 @@ def _run(
     tokenizer, new_token_ids = load_tokenizer(model_dir, spec)
     # Created before the model loads: under ZeRO-3 the arguments make from_pretrained partition it.
     args = training_arguments(spec, workdir, has_validation=spec.dataset.validation_split > 0)
+    if spec.deepspeed is not None:
+        import deepspeed
+
+        # zero.Init in from_pretrained sizes the partitions by the world size: the process
+        # group must exist before the model loads (the Trainer would create it later).
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     data = build_data(spec, tokenizer, args)
     steps = total_steps(spec, len(data.train))
 
