@@ -122,6 +122,20 @@ def loss_on(model: Any, batch: dict[str, torch.Tensor]) -> float:
         return float(model(**batch, labels=batch["input_ids"]).loss)
 
 
+def counting_job(
+    model: Path, data_dir: Path, output: Path, method: dict[str, Any], rate: float, steps: int
+) -> Any:
+    """A job on the counting texts: a task even a random-weight base can learn in a few steps."""
+    return cpu_job(
+        model,
+        data_dir / "text.jsonl",
+        output,
+        method=method,
+        dataset={"format": "text"},
+        training={"learningRate": rate, "maxSteps": steps},
+    )
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
     method: str, tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
@@ -129,13 +143,9 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "out"
-    job = cpu_job(
-        tiny_llama_dir,
-        data_dir / "text.jsonl",
-        output,
-        method={"type": method, **copy.deepcopy(METHODS[method])},
-        dataset={"format": "text"},
-        training={"learningRate": LEARNING_RATES.get(method, 3e-2), "maxSteps": STEPS},
+    method_block = {"type": method, **copy.deepcopy(METHODS[method])}
+    job = counting_job(
+        tiny_llama_dir, data_dir, output, method_block, LEARNING_RATES.get(method, 3e-2), STEPS
     )
     before = untrained_model(job, tiny_llama_dir, STEPS)
     result = run_job(job)
@@ -173,3 +183,26 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
         logits_of(reloaded, batch), logits_of(result.model, batch), rtol=1e-4, atol=1e-4
     )
     assert result.manifest is not None and result.manifest["trainableParams"] == result.trainable_params
+
+
+def test_chain_of_lora_publishes_its_rounds_as_one_adapter_for_the_original_base(
+    tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
+) -> None:
+    import json
+
+    output = tmp_path / "out"
+    chain = {"type": "lora", **copy.deepcopy(METHODS["lora"]), "chain": {"rounds": 3}}
+    job = counting_job(tiny_llama_dir, data_dir, output, chain, 1e-1, 30)
+    result = run_job(job)
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.95 * sum(losses[:5])
+    assert json.loads((output / "adapter_config.json").read_text())["r"] == 3 * 8
+    # Original base + the stacked adapter == the last round's model (a base with two rounds merged in, plus a LoRA).
+    batch = a_batch(tokenizer)
+    reloaded = reload_published("lora", tiny_llama_dir, output, job.build().spec)
+    # Merged rounds were rounded into fp32 weights; the stacked adapter computes them factorised.
+    torch.testing.assert_close(
+        logits_of(reloaded, batch), logits_of(result.model, batch), rtol=1e-3, atol=1e-3
+    )
+    rounds = sorted(p.name for p in (output / "checkpoints").iterdir())
+    assert rounds == ["round-0", "round-1", "round-2"]

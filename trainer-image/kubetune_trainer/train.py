@@ -7,6 +7,7 @@ job runs the same code (torchrun starts them); rank 0 alone publishes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -240,6 +241,9 @@ def load_model(
 class KubetuneTrainer(Trainer):  # type: ignore[misc]
     """The Trainer with per-group learning rates and DeepSpeed's CPU Adam for offloaded optimizer state."""
 
+    checkpoints: CheckpointStore
+    """Where this run's checkpoints are kept (set by build_trainer)."""
+
     def __init__(
         self,
         *args: Any,
@@ -344,6 +348,108 @@ class AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
         model = kwargs["model"]
         peft_model = getattr(model, "module", model)  # DDP wraps it
         peft_model.base_model.update_and_allocate(state.global_step)
+
+
+def build_trainer(
+    spec: FineTuneJobSpec,
+    spec_digest: str,
+    model: Any,
+    args: TrainingArguments,
+    data: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    metrics: TrainingMetrics,
+    preemption: PreemptionCallback,
+    checkpoints_uri: str,
+    max_steps: int | None = None,
+) -> KubetuneTrainer:
+    """The Trainer for one run (or one chain round) with every callback wired in."""
+    if max_steps is not None:
+        args = dataclasses.replace(args, max_steps=max_steps)
+    store = CheckpointStore(checkpoints_uri)
+    samples_per_step = spec.training.batch_size_per_device * spec.training.gradient_accumulation_steps
+    callbacks: list[TrainerCallback] = [
+        MetricsCallback(metrics, samples_per_step * distributed.world_size()),
+        SaveAtEndCallback(),
+        CheckpointSyncCallback(store, spec.checkpoint.keep, spec_digest, metrics),
+        preemption,
+    ]
+    if spec.method.type == MethodType.ADALORA:
+        callbacks.append(AdaLoraCallback())
+    trainer = KubetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=collator_for(spec.model.task, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=None
+        if spec.model.task == Task.CAUSAL_LM
+        else classification_metrics(spec.model.task),
+        callbacks=callbacks,
+        learning_rate_groups=spec.training.learning_rate_groups,
+        cpu_adam=spec.deepspeed is not None and spec.deepspeed.offload_optimizer == "cpu",
+    )
+    trainer.checkpoints = store
+    return trainer
+
+
+class SaveAtEndCallback(TrainerCallback):  # type: ignore[misc]
+    """Checkpoint the last step too: a pod lost while publishing (or between chain rounds)
+    restarts straight into publishing instead of training again."""
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+
+
+def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each LoRA layer's update as (A, scaling * B), by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a = module.lora_A["default"].weight.detach().float().cpu().clone()
+            b = module.lora_B["default"].weight.detach().float().cpu().clone() * module.scaling["default"]
+            deltas[name] = (a, b)
+    return deltas
+
+
+def save_stacked_lora(
+    rounds: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], model: Any, target: Path
+) -> None:
+    """The chain's rounds as one LoRA for the original base: sum_i B_i A_i = [B_1 .. B_R] [A_1; ..; A_R].
+
+    Its rank is the sum of the rounds' ranks and its scaling 1 (the rounds' scalings are folded into B).
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    rank = sum(next(iter(deltas.values()))[0].shape[0] for deltas in rounds)
+    tensors = {}
+    for name in rounds[0]:
+        tensors[f"{name}.lora_A.weight"] = torch.cat(
+            [deltas[name][0] for deltas in rounds], dim=0
+        ).contiguous()
+        tensors[f"{name}.lora_B.weight"] = torch.cat(
+            [deltas[name][1] for deltas in rounds], dim=1
+        ).contiguous()
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    stacked = LoraConfig(
+        task_type=config.task_type,
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=config.target_modules,
+        bias=config.bias,
+        fan_in_fan_out=config.fan_in_fan_out,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    stacked.save_pretrained(str(target))
 
 
 def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: bool) -> TrainingArguments:
@@ -562,40 +668,35 @@ def _run(
             model.peft_config["default"].init_lora_weights = spec.method.effective_lora.init
         barrier()
 
-    store = CheckpointStore(checkpoint_uri(spec))
+    rounds = spec.method.chain.rounds if spec.method.chain is not None else 1
     preemption = PreemptionCallback()
-    samples_per_step = spec.training.batch_size_per_device * spec.training.gradient_accumulation_steps
-    callbacks: list[TrainerCallback] = [
-        MetricsCallback(metrics, samples_per_step * distributed.world_size()),
-        CheckpointSyncCallback(store, spec.checkpoint.keep, spec_digest, metrics),
-        preemption,
-    ]
-    if spec.method.type == MethodType.ADALORA:
-        callbacks.append(AdaLoraCallback())
-    trainer = KubetuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.validation,
-        data_collator=collator_for(spec.model.task, tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=None
-        if spec.model.task == Task.CAUSAL_LM
-        else classification_metrics(spec.model.task),
-        callbacks=callbacks,
-        learning_rate_groups=spec.training.learning_rate_groups,
-        cpu_adam=spec.deepspeed is not None and spec.deepspeed.offload_optimizer == "cpu",
-    )
-    resume = store.newest(spec_digest)
-    if resume is not None:
-        restore_adalora_ranks(trainer.model, resume)
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    chain_deltas: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    history: list[dict[str, Any]] = []
+    for round_index in range(rounds):
+        if round_index > 0:
+            # COLA: fold the finished LoRA into the base and start a fresh one on top.
+            chain_deltas.append(lora_deltas(model))
+            model = apply_method(model.merge_and_unload(), spec, context)
+        round_uri = checkpoint_uri(spec) if rounds == 1 else f"{checkpoint_uri(spec)}/round-{round_index}"
+        round_steps = None if rounds == 1 else math.ceil(steps / rounds)
+        trainer = build_trainer(
+            spec, spec_digest, model, args, data, tokenizer, metrics, preemption, round_uri, round_steps
+        )
+        resume = trainer.checkpoints.newest(spec_digest)
+        if resume is not None:
+            restore_adalora_ranks(trainer.model, resume)
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        history.extend(trainer.state.log_history)
+        if preemption.stopped:
+            break
+    if rounds > 1 and not preemption.stopped:
+        chain_deltas.append(lora_deltas(trainer.model))
     result = RunResult(
         trainer.state.global_step,
         trainable,
         total,
         preempted=preemption.stopped,
-        log_history=list(trainer.state.log_history),
+        log_history=history,
         model=trainer.model,
     )
     result.metrics["train_loss"] = float(train_output.training_loss)
@@ -618,7 +719,18 @@ def _run(
     adapter_dir = workdir / "adapter"
     if distributed.is_main_process() and adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    save_adapter(trainer, spec, tokenizer, adapter_dir, initial_adapter)
+    if chain_deltas:
+        if distributed.is_main_process():
+            if spec.method.type == MethodType.DORA:
+                # DoRA rescales each weight by a learned magnitude: rounds do not add up to one
+                # adapter, so a DoRA chain's result is the merged model.
+                trainer.model.merge_and_unload().save_pretrained(adapter_dir)
+            else:
+                save_stacked_lora(chain_deltas, trainer.model, adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
+        barrier()
+    else:
+        save_adapter(trainer, spec, tokenizer, adapter_dir, initial_adapter)
     if distributed.is_main_process():
         result.manifest = publish_result(
             job, spec, spec_digest, model_dir, adapter_dir, tokenizer, result, workdir
@@ -639,7 +751,8 @@ def publish_result(
 ) -> dict[str, Any]:
     """Rank 0: check the saved weights, merge them if asked, publish with the manifest last."""
     fraction = expected_saved_fraction(spec)
-    adapter_methods = method_for(spec).peft_config is not None
+    merged_chain = spec.method.chain is not None and spec.method.type == MethodType.DORA
+    adapter_methods = method_for(spec).peft_config is not None and not merged_chain
     expected = int(result.trainable_params * fraction) if fraction is not None and adapter_methods else None
     check_adapter(adapter_dir, expected if adapter_methods else result.total_params)
     published = adapter_dir
@@ -659,7 +772,7 @@ def publish_result(
             "method": spec.method.type.value,
             "task": spec.model.task.value,
             "baseModel": {"source": spec.model.source, "revision": spec.model.revision},
-            "merged": published != adapter_dir,
+            "merged": published != adapter_dir or merged_chain,
             "trainableParams": result.trainable_params,
             "totalParams": result.total_params,
             "globalStep": result.global_step,
