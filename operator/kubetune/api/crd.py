@@ -16,7 +16,8 @@ from kubetune.api import v1alpha1
 
 JsonSchema = dict[str, Any]
 
-DROPPED_KEYS = frozenset({"title", "examples", "$defs"})
+# propertyNames (map key constraints) is JSON Schema the API server refuses in a CRD; the Python side keeps it.
+DROPPED_KEYS = frozenset({"title", "examples", "$defs", "propertyNames"})
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},

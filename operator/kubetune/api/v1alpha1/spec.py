@@ -191,7 +191,7 @@ class LoraSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            cel="!has(self.targetModules) || !('all-linear' in self.targetModules) || size(self.targetModules) == 1",
             message="'all-linear' must be the only entry of targetModules: use [all-linear] or list module names",
             field=".targetModules",
             check=lambda m: "all-linear" not in m.target_modules or len(m.target_modules) == 1,
@@ -247,7 +247,7 @@ class AdaLoraSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.targetR <= self.initR",
+            cel="!has(self.targetR) || !has(self.initR) || self.targetR <= self.initR",
             message="targetR must not exceed initR: AdaLoRA only prunes ranks",
             field=".targetR",
             check=lambda m: m.target_r <= m.init_r,
@@ -265,7 +265,7 @@ class IA3Spec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.feedforwardModules.all(m, m in self.targetModules)",
+            cel="!has(self.feedforwardModules) || !has(self.targetModules) || self.feedforwardModules.all(m, m in self.targetModules)",
             message="every feedforwardModules entry must also be in targetModules",
             field=".feedforwardModules",
             check=lambda m: set(m.feedforward_modules) <= set(m.target_modules),
@@ -545,13 +545,13 @@ class DeepSpeedSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.offloadParams == 'none' || self.zeroStage == 3",
+            cel="!has(self.offloadParams) || self.offloadParams == 'none' || (has(self.zeroStage) && self.zeroStage == 3)",
             message="offloadParams: cpu needs zeroStage: 3",
             field=".offloadParams",
             check=lambda d: d.offload_params == "none" or d.zero_stage == 3,
         ),
         Rule(
-            cel="self.offloadOptimizer == 'none' || self.zeroStage >= 1",
+            cel="!has(self.offloadOptimizer) || self.offloadOptimizer == 'none' || (has(self.zeroStage) && self.zeroStage >= 1)",
             message="offloadOptimizer: cpu needs zeroStage 1, 2 or 3",
             field=".offloadOptimizer",
             check=lambda d: d.offload_optimizer == "none" or d.zero_stage >= 1,
@@ -697,7 +697,7 @@ class TrainerSpec(ApiModel):
 
     rules = (
         Rule(
-            cel="self.env.all(e, !(e.name in ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'HF_TOKEN']))",
+            cel="!has(self.env) || self.env.all(e, !(e.name in ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'HF_TOKEN']))",
             message="credentials must not be plain env: put them in a Secret and name it in storage.s3.credentialsSecret or storage.hub.tokenSecret",
             field=".env",
             check=lambda t: all(
