@@ -10,7 +10,11 @@ INSTALLED := $(VENV)/.installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"` or `make test-fast`.
 PYTEST_ARGS ?=
 
-.PHONY: help install tools test test-fast lint generate demo clean
+# Debian packages the tests run for real: Prometheus (server and promtool) and Lua (Argo CD health check).
+SYSTEM_COMMANDS := prometheus promtool lua5.4 lua5.1
+SYSTEM_PACKAGES := prometheus lua5.4 lua5.1
+
+.PHONY: help install system-deps tools test test-fast lint generate demo clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -24,6 +28,13 @@ $(INSTALLED): pyproject.toml constraints.txt scripts/install-deepspeed.sh
 	scripts/install-deepspeed.sh $(VENV)
 	touch $@
 
+system-deps:  ## Install the Debian packages the tests use, when any is missing.
+	@for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [[ -n "$${missing:-}" ]]; then \
+	  echo "installing $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
 tools: install  ## Build or fetch the test components (Kubernetes binaries, training operator, kwok, helm).
 	hack/install-tools.sh
 
@@ -35,8 +46,9 @@ lint: install  ## ruff, mypy (strict) and the import layering contracts.
 generate: install  ## Rebuild every generated file from the API models.
 	$(BIN)/kubetune crd > crds/kubetune.io_finetunejobs.yaml
 	$(BIN)/kubetune reference > docs/reference.md
+	scripts/sync-chart-crd.sh
 
-test: install tools lint  ## Everything: unit, trainer, control-plane and end-to-end tiers.
+test: install system-deps tools lint  ## Everything: unit, trainer, control-plane and end-to-end tiers.
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast:  ## The same without the slowest tier (multi-process training, end to end).
