@@ -79,9 +79,10 @@ def post_events(change: Transition | None) -> None:
         kopf.event(cast(kopf.Body, change.body), type=event_type, reason=reason, message=message)
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+# A failed reconcile (API server hiccup, a webhook not ready) is retried in seconds, not kopf's default minute.
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, backoff=5)
 def reconcile_job(body: kopf.Body, name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
     """Validate; create or adopt the ConfigMap and PyTorchJob; match suspend; write status."""
     with metrics.reconcile("FineTuneJob"):

@@ -1,0 +1,564 @@
+"""The operator against the real control plane: `kubetune operator` runs as a subprocess, watching one test
+namespace, while the training operator runs the PyTorchJobs on kwok's fake GPU nodes.
+
+kwok decides how a pod ends from annotations on the pod template (hack/kwok/stages.yaml). A FineTuneJob has no
+field for pod annotations, so a test that needs a particular ending starts its job suspended, puts the
+annotations on the PyTorchJob's pod templates, and resumes it (`start_with_pod_annotations`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cluster import REPO_DIR, Cluster, condition, exists, wait_for
+from kubernetes import watch
+from kubernetes.client.exceptions import ApiException
+from tests.builders import a_job
+
+from kubetune.api.v1alpha1 import parse_job
+from kubetune.render import build_spec_configmap
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+PTJ = ("kubeflow.org", "v1", "pytorchjobs")
+KUBETUNE_CRD = REPO_DIR / "crds" / "kubetune.io_finetunejobs.yaml"
+KUBETUNE = REPO_DIR / ".venv" / "bin" / "kubetune"
+CHILDREN = "app.kubernetes.io/managed-by=kubetune"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------ the operator
+
+
+@dataclass
+class Operator:
+    """One `kubetune operator` process watching one namespace; it can be killed and started again."""
+
+    cluster: Cluster
+    namespace: str
+    log: Path
+    metrics_port: int
+    health_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "KUBETUNE_NAMESPACES": self.namespace,
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_HEALTH_PORT": str(self.health_port),
+            "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            # Stand-in for the pod network: kwok's pod IPs lead nowhere, so progress is read from 127.0.0.1
+            # on the job's spec.metrics.port, where a test serves the trainer's /metrics.
+            "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
+        }
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([str(KUBETUNE), "operator"], env=env, stdout=log, stderr=log)
+        wait_for(self._live, timeout=60, description=f"the operator's liveness endpoint (log: {self.log})")
+
+    def _live(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"the operator exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.health_port}/healthz", timeout=1
+            ) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as when a node dies under the operator."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture(scope="session")
+def kubetune_crd(cluster: Cluster) -> None:
+    """The generated CRD, applied as a GitOps tool would, and served."""
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=kubetune-tests",
+        "-f",
+        str(KUBETUNE_CRD),
+    )
+    wait_for(
+        lambda: cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL) is not None,
+        timeout=60,
+        description="the FineTuneJob resource to be served",
+    )
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, kubetune_crd: None, tmp_path: Path) -> Iterator[Operator]:
+    if not cluster.has_crd("pytorchjobs.kubeflow.org"):
+        pytest.skip("this cluster has no Kubeflow training operator")
+    running = Operator(cluster, namespace, tmp_path / "operator.log", free_port(), free_port())
+    running.start()
+    try:
+        yield running
+    finally:
+        # Delete the jobs while the operator runs, so it lifts its finalizer and the namespace can go.
+        with contextlib.suppress(ApiException):
+            cluster.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        with contextlib.suppress(AssertionError):
+            wait_for(
+                lambda: not jobs_in(cluster, namespace), timeout=20, description="the jobs to be deleted"
+            )
+        running.stop()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def jobs_in(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL
+    )["items"]
+    return items
+
+
+def a_manifest(name: str, namespace: str, suspend: bool = False, **spec: Any) -> dict[str, Any]:
+    manifest = a_job(name).on(nodes=2, gpus=1).with_spec(**spec).as_manifest()
+    manifest["metadata"]["namespace"] = namespace
+    manifest["spec"].setdefault("runPolicy", {})["suspend"] = suspend
+    return manifest
+
+
+def create(cluster: Cluster, manifest: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = cluster.custom.create_namespaced_custom_object(
+        GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest
+    )
+    return created
+
+
+def read(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    job: dict[str, Any] = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return job
+
+
+def read_pytorchjob(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = cluster.custom.get_namespaced_custom_object(*PTJ[:2], namespace, PTJ[2], name)
+    return found
+
+
+def pytorchjobs(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.custom.list_namespaced_custom_object(
+        *PTJ[:2], namespace, PTJ[2], label_selector=CHILDREN
+    )["items"]
+    return items
+
+
+def set_suspend(cluster: Cluster, namespace: str, name: str, suspend: bool) -> None:
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": {"runPolicy": {"suspend": suspend}}}
+    )
+
+
+def wait_for_phase(
+    cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 90
+) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    def reached() -> bool:
+        nonlocal last
+        last = read(cluster, namespace, name)
+        return (last.get("status") or {}).get("phase") == phase
+
+    try:
+        wait_for(reached, timeout=timeout, description=f"{namespace}/{name} phase {phase}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n  status now: {json.dumps(last.get('status'), indent=1)}") from None
+    return last
+
+
+def events_of(cluster: Cluster, namespace: str, name: str) -> list[Any]:
+    return list(
+        cluster.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob"
+        ).items
+    )
+
+
+def start_with_pod_annotations(
+    cluster: Cluster, manifest: dict[str, Any], annotations: dict[str, str]
+) -> None:
+    """Creates the job suspended, tells kwok through pod-template annotations how its pods end, resumes it."""
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    manifest["spec"].setdefault("runPolicy", {})["suspend"] = True
+    create(cluster, manifest)
+    pytorchjob = wait_for(
+        lambda: read_pytorchjob(cluster, namespace, name), timeout=30, description=f"PyTorchJob {name}"
+    )
+    replicas = pytorchjob["spec"]["pytorchReplicaSpecs"]
+    patch = {
+        "spec": {
+            "pytorchReplicaSpecs": {
+                replica: {"template": {"metadata": {"annotations": annotations}}} for replica in replicas
+            }
+        }
+    }
+    cluster.custom.patch_namespaced_custom_object(*PTJ[:2], namespace, PTJ[2], name, patch)
+    set_suspend(cluster, namespace, name, False)
+
+
+class StatusHistory:
+    """Every status the API server stored for one job, seen through a watch (no write is missed)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        self.statuses: list[dict[str, Any]] = []
+        self._watch = watch.Watch()
+        self._thread = threading.Thread(target=self._run, args=(cluster, namespace, name), daemon=True)
+        self._thread.start()
+
+    def _run(self, cluster: Cluster, namespace: str, name: str) -> None:
+        with contextlib.suppress(Exception):
+            for event in self._watch.stream(
+                cluster.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=300,
+            ):
+                status = event["object"].get("status")
+                if status and (not self.statuses or self.statuses[-1] != status):
+                    self.statuses.append(status)
+
+    def phases(self) -> list[str]:
+        seen: list[str] = []
+        for status in self.statuses:
+            phase = status.get("phase")
+            if phase and (not seen or seen[-1] != phase):
+                seen.append(phase)
+        return seen
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+def status_condition(job: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = condition(job, kind)
+    assert found is not None, f"no {kind} condition in {job.get('status')}"
+    return dict(found)
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+def test_a_job_goes_pending_running_succeeded_with_conditions_and_events(
+    cluster: Cluster, operator: Operator
+) -> None:
+    namespace, name = operator.namespace, "lifecycle"
+    history = StatusHistory(cluster, namespace, name)
+    create(cluster, a_manifest(name, namespace, suspend=True))
+    suspended = wait_for_phase(cluster, namespace, name, "Suspended")
+    configmap = cluster.core.read_namespaced_config_map(f"{name}-spec", namespace)
+    assert configmap.metadata.owner_references[0].uid == suspended["metadata"]["uid"]
+    pytorchjob = read_pytorchjob(cluster, namespace, name)
+    assert pytorchjob["metadata"]["ownerReferences"][0]["uid"] == suspended["metadata"]["uid"]
+    assert pytorchjob["metadata"]["labels"]["kubetune.io/job-name"] == name
+    patch = {"kwok.kubetune.io/run-duration": "4s"}
+    cluster.custom.patch_namespaced_custom_object(
+        *PTJ[:2],
+        namespace,
+        PTJ[2],
+        name,
+        {
+            "spec": {
+                "pytorchReplicaSpecs": {
+                    r: {"template": {"metadata": {"annotations": patch}}} for r in ("Master", "Worker")
+                }
+            }
+        },
+    )
+    set_suspend(cluster, namespace, name, False)
+
+    running = wait_for_phase(cluster, namespace, name, "Running")
+    generation = running["metadata"]["generation"]
+    assert generation == 2, "suspend and resume are the only spec changes"
+    assert status_condition(running, "Ready")["status"] == "True"
+    assert status_condition(running, "Reconciling")["status"] == "False"
+    assert running["status"]["startTime"]
+    assert running["status"]["pytorchJob"] == name
+
+    done = wait_for_phase(cluster, namespace, name, "Succeeded")
+    wait_for(
+        lambda: history.phases()[-1:] == ["Succeeded"], timeout=10, description="the watch to see Succeeded"
+    )
+    history.stop()
+    assert status_condition(done, "Succeeded")["status"] == "True"
+    assert status_condition(done, "Failed")["status"] == "False"
+    assert status_condition(done, "Stalled")["status"] == "False"
+    assert all(c["observedGeneration"] == generation for c in done["status"]["conditions"])
+    assert done["status"]["observedGeneration"] == generation
+    assert done["status"]["completionTime"]
+    assert done["status"]["gpuSeconds"] > 0
+
+    phases = history.phases()
+    assert phases[0] == "Pending", phases
+    assert phases[-2:] == ["Running", "Succeeded"], phases
+
+    reasons = {event.reason for event in events_of(cluster, namespace, name)}
+    assert {"Suspended", "Running", "Succeeded"} <= reasons
+
+
+def test_a_failing_trainer_ends_failed_with_its_termination_message(
+    cluster: Cluster, operator: Operator
+) -> None:
+    namespace, name = operator.namespace, "bad-data"
+    start_with_pod_annotations(
+        cluster,
+        a_manifest(name, namespace),
+        {
+            "kwok.kubetune.io/outcome": "fail",
+            "kwok.kubetune.io/exit-code": "1",
+            "kwok.kubetune.io/message": "InvalidDataset: the dataset has no column 'output'",
+        },
+    )
+    failed = wait_for_phase(cluster, namespace, name, "Failed")
+    assert "InvalidDataset: the dataset has no column 'output'" in failed["status"]["message"]
+    assert status_condition(failed, "Failed")["reason"] == "TrainerError"
+    assert "no column 'output'" in status_condition(failed, "Failed")["message"]
+    assert failed["status"]["completionTime"]
+    warnings = [e for e in events_of(cluster, namespace, name) if e.type == "Warning"]
+    assert any(e.reason == "TrainerError" for e in warnings)
+
+
+def test_an_invalid_spec_past_the_schema_ends_stalled_naming_the_field_and_creates_nothing(
+    cluster: Cluster, operator: Operator
+) -> None:
+    namespace = operator.namespace
+    manifest = yaml.safe_load(
+        (REPO_DIR / "tests" / "data" / "invalid" / "invalid-group-regex.yaml").read_text()
+    )
+    manifest["metadata"]["namespace"] = namespace
+    name = manifest["metadata"]["name"]
+    create(cluster, manifest)
+
+    failed = wait_for_phase(cluster, namespace, name, "Failed")
+    stalled = status_condition(failed, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "InvalidSpec"
+    assert "spec.training.learningRateGroups[0].match" in stalled["message"]
+    wait_for(
+        lambda: any(
+            e.type == "Warning" and e.reason == "InvalidSpec" for e in events_of(cluster, namespace, name)
+        ),
+        timeout=15,
+        description="a Warning event InvalidSpec",
+    )
+    time.sleep(2)  # room for a wrong create to show up
+    assert not pytorchjobs(cluster, namespace)
+    assert not cluster.core.list_namespaced_config_map(namespace, label_selector=CHILDREN).items
+
+
+def test_suspend_stops_the_pods_and_resume_runs_them_again(cluster: Cluster, operator: Operator) -> None:
+    namespace, name = operator.namespace, "pausable"
+    start_with_pod_annotations(cluster, a_manifest(name, namespace), {"kwok.kubetune.io/outcome": "run"})
+    wait_for_phase(cluster, namespace, name, "Running")
+
+    set_suspend(cluster, namespace, name, True)
+    wait_for_phase(cluster, namespace, name, "Suspended")
+    assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is True
+    wait_for(
+        lambda: not cluster.core.list_namespaced_pod(namespace, label_selector=CHILDREN).items,
+        timeout=60,
+        description="the pods to be stopped",
+    )
+
+    set_suspend(cluster, namespace, name, False)
+    wait_for_phase(cluster, namespace, name, "Running")
+    assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_deleting_the_job_removes_its_pytorchjob_and_configmap(cluster: Cluster, operator: Operator) -> None:
+    namespace, name = operator.namespace, "short-lived"
+    create(cluster, a_manifest(name, namespace, suspend=True))
+    wait_for_phase(cluster, namespace, name, "Suspended")
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    wait_for(
+        lambda: (
+            not exists(lambda: read_pytorchjob(cluster, namespace, name))
+            and not exists(lambda: cluster.core.read_namespaced_config_map(f"{name}-spec", namespace))
+        ),
+        timeout=60,
+        description="the garbage collector to remove the PyTorchJob and the ConfigMap",
+    )
+    assert not exists(lambda: read(cluster, namespace, name))
+
+
+def test_no_secret_value_reaches_any_object_event_or_log(cluster: Cluster, operator: Operator) -> None:
+    namespace, name = operator.namespace, "with-credentials"
+    secret_value = "kt-" + os.urandom(12).hex()
+    cluster.core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": "access-" + secret_value,
+                "AWS_SECRET_ACCESS_KEY": secret_value,
+            },
+        },
+    )
+    manifest = a_manifest(name, namespace, storage={"s3": {"credentialsSecret": "s3-credentials"}})
+    start_with_pod_annotations(
+        cluster,
+        manifest,
+        {"kwok.kubetune.io/outcome": "fail", "kwok.kubetune.io/message": "SourceUnavailable: AccessDenied"},
+    )
+    failed = wait_for_phase(cluster, namespace, name, "Failed")
+    assert status_condition(failed, "Failed")["reason"] == "StorageAuthFailed"
+
+    serialise = cluster.api_client.sanitize_for_serialization
+    texts = {
+        "FineTuneJob": json.dumps(failed),
+        "PyTorchJob": json.dumps(read_pytorchjob(cluster, namespace, name)),
+        "ConfigMap": json.dumps(
+            serialise(cluster.core.read_namespaced_config_map(f"{name}-spec", namespace))
+        ),
+        "pods": json.dumps(serialise(cluster.core.list_namespaced_pod(namespace, label_selector=CHILDREN))),
+        "events": json.dumps(serialise(cluster.core.list_namespaced_event(namespace))),
+        "operator log": operator.log.read_text(),
+    }
+    for where, text in texts.items():
+        assert secret_value not in text, f"the Secret's value leaked into the {where}"
+    assert "s3-credentials" in texts["PyTorchJob"], "the PyTorchJob refers to the Secret by name"
+
+
+class FakeTrainerMetrics(http.server.BaseHTTPRequestHandler):
+    """Serves what the trainer's exporter serves mid-run."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_progress_appears_in_status_while_running(cluster: Cluster, operator: Operator) -> None:
+    namespace, name = operator.namespace, "progressing"
+    labels = f'finetunejob="{name}",method="lora",namespace="{namespace}"'
+    FakeTrainerMetrics.body = "\n".join(
+        [
+            f"kubetune_train_step{{{labels}}} 42",
+            f"kubetune_train_total_steps{{{labels}}} 168",
+            f"kubetune_train_epoch{{{labels}}} 0.5",
+            f"kubetune_train_loss{{{labels}}} 1.5",
+            f"kubetune_train_eval_loss{{{labels}}} 1.75",
+            f"kubetune_train_learning_rate{{{labels}}} 0.0002",
+            f"kubetune_train_tokens_per_second{{{labels}}} 2048",
+            f"kubetune_train_eta_seconds{{{labels}}} 600",
+            "",
+        ]
+    ).encode()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeTrainerMetrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = a_manifest(name, namespace, metrics={"port": server.server_address[1]})
+        start_with_pod_annotations(cluster, manifest, {"kwok.kubetune.io/outcome": "run"})
+        wait_for_phase(cluster, namespace, name, "Running")
+        job = wait_for(
+            lambda: (j := read(cluster, namespace, name))["status"].get("progress") and j,
+            timeout=30,
+            description="status.progress",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    progress = job["status"]["progress"]
+    assert progress["step"] == 42 and progress["totalSteps"] == 168 and progress["percent"] == 25
+    assert progress["loss"] == 1.5 and progress["evalLoss"] == 1.75
+    assert progress["tokensPerSecond"] == 2048 and progress["etaSeconds"] == 600
+    assert progress["learningRate"] == 0.0002 and progress["epoch"] == 0.5
+    assert progress["updatedAt"]
+    metrics = operator.metrics()
+    assert 'kubetune_operator_finetunejobs{phase="Running"} 1.0' in metrics
+    assert "kubetune_operator_reconciles_total" in metrics
+
+
+# ------------------------------------------------------------------------------------------ restart safety
+
+
+def test_sigkill_at_random_points_leaves_exactly_one_pytorchjob_per_job(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """20 rounds: create jobs, SIGKILL the operator a random moment later, start it again.
+
+    Each round also leaves one job in exactly the state a kill between the two creates leaves: its ConfigMap
+    made (as the operator makes it), its PyTorchJob not.
+    """
+    namespace = operator.namespace
+    seed = int.from_bytes(os.urandom(4), "big")
+    rng = random.Random(seed)
+    names: list[str] = []
+    for round_ in range(20):
+        batch = [f"chaos-{round_}-{index}" for index in range(2)]
+        for name in batch:
+            create(cluster, a_manifest(name, namespace, suspend=True))
+        time.sleep(rng.uniform(0.0, 0.8))
+        operator.kill()
+        half_done = f"chaos-{round_}-cm-only"
+        created = create(cluster, a_manifest(half_done, namespace, suspend=True))
+        cluster.core.create_namespaced_config_map(namespace, build_spec_configmap(parse_job(created)))
+        operator.start()
+        names += [*batch, half_done]
+
+    for name in names:
+        wait_for_phase(cluster, namespace, name, "Suspended", timeout=60)
+    owners = sorted(p["metadata"]["labels"]["kubetune.io/job-name"] for p in pytorchjobs(cluster, namespace))
+    assert owners == sorted(names), f"seed {seed}: expected one PyTorchJob per job"
+    configmaps = cluster.core.list_namespaced_config_map(namespace, label_selector=CHILDREN).items
+    assert len(configmaps) == len(names), f"seed {seed}"
+    for job in jobs_in(cluster, namespace):
+        uid = job["metadata"]["uid"]
+        pytorchjob = read_pytorchjob(cluster, namespace, job["metadata"]["name"])
+        assert [o["uid"] for o in pytorchjob["metadata"]["ownerReferences"]] == [uid], f"seed {seed}"
