@@ -6,6 +6,7 @@ package (`kubetune_trainer`) in a child process, so this module stays free of to
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -187,6 +188,28 @@ def estimate(
     raise typer.Exit(subprocess.call(command))
 
 
+def _print_summary(summary: dict[str, object]) -> None:
+    from rich.table import Table
+
+    def number(key: str, spec: str) -> str:
+        value = summary.get(key)
+        return format(value, spec) if isinstance(value, int | float) else "-"
+
+    table = Table(title="kubetune run: summary", show_header=False)
+    table.add_row(
+        "trainable parameters",
+        f"{number('trainableParams', ',')} of {number('totalParams', ',')} ({number('trainableShare', '.2%')})",
+    )
+    table.add_row("optimizer steps", number("steps", "d"))
+    table.add_row("training loss", f"{number('lossFirst', '.4f')} -> {number('lossLast', '.4f')}")
+    table.add_row("eval loss", number("evalLoss", ".4f"))
+    table.add_row("tokens / s", number("tokensPerSecond", ",.0f"))
+    table.add_row("adapter", str(summary.get("adapterUri", "-")))
+    table.add_row("sha256 of manifest", str(summary.get("adapterSha256", "-")))
+    table.add_row("loss curve", str(summary.get("lossPlot", "-")))
+    out.print(table)
+
+
 @app.command()
 def run(
     filename: FileOption,
@@ -196,6 +219,7 @@ def run(
     job = load_job(filename)
     _require_trainer()
     workdir = Path(tempfile.mkdtemp(prefix=f"kubetune-{job.name}-"))
+    report_dir = Path("out") / "reports" / job.name
     spec_path = workdir / "spec.json"
     spec_path.write_text(spec_document(job), encoding="utf-8")
     env = {
@@ -206,11 +230,14 @@ def run(
         "KUBETUNE_LOCAL": "1",
         "KUBETUNE_TERMINATION_LOG": str(workdir / "termination-log"),
         "TMPDIR": os.environ.get("TMPDIR", str(workdir)),
+        "KUBETUNE_REPORT_DIR": str(report_dir),
     }
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kubetune_trainer"]
     out.print(f"[bold]kubetune[/] running {job.name} ({job.spec.method.type.value}) with {nproc} process(es)")
     code = subprocess.call(command, env=env)
+    if code == 0 and (report_dir / "summary.json").exists():
+        _print_summary(json.loads((report_dir / "summary.json").read_text(encoding="utf-8")))
     if code != 0:
         reason_file = workdir / "termination-log"
         reason = reason_file.read_text(encoding="utf-8").strip() if reason_file.exists() else ""

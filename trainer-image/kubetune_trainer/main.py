@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Tokenizers' own threads fight the data loader's and torch's for the same cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -66,4 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     if result.manifest is not None:
         print(f"published {result.manifest['uri']} (sha256 {result.manifest['sha256']})", flush=True)
+        if report_dir := os.environ.get("KUBETUNE_REPORT_DIR"):  # set by `kubetune run`
+            from .report import write_report
+
+            write_report(Path(report_dir), result.log_history, result.manifest, result.trainable_params, result.total_params)
     return 0

@@ -1,0 +1,30 @@
+"""After `kubetune run`, the user reads a summary and a loss curve built from the run's own records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kubetune_trainer.report import summarize, write_report
+
+HISTORY = [
+    {"loss": 6.0, "step": 5, "epoch": 0.5},
+    {"loss": 4.5, "step": 10, "epoch": 1.0},
+    {"train_runtime": 4.0, "num_input_tokens_seen": 2000, "step": 10},
+]
+MANIFEST = {"globalStep": 10, "uri": "file://out/demo", "sha256": "ab" * 32, "metrics": {"eval_loss": 4.7}, "job": {"name": "demo"}}
+
+
+def test_the_summary_reports_loss_before_and_after_and_throughput() -> None:
+    summary = summarize(HISTORY, MANIFEST, trainable=25, total=100)
+    assert (summary["lossFirst"], summary["lossLast"]) == (6.0, 4.5)
+    assert summary["trainableShare"] == 0.25
+    assert summary["tokensPerSecond"] == 500.0
+    assert summary["evalLoss"] == 4.7, "the final evaluation comes from the manifest when the history lacks it"
+    assert summary["adapterUri"] == "file://out/demo"
+
+
+def test_the_report_writes_a_png_loss_curve(tmp_path: Path) -> None:
+    summary = write_report(tmp_path, HISTORY, MANIFEST, 25, 100)
+    png = Path(summary["lossPlot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "summary.json").exists()
