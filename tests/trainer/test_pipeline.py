@@ -218,3 +218,20 @@ def test_token_classification_and_question_answering_train_and_evaluate(
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
     assert sum(losses[-5:]) < sum(losses[:5])
     assert result.metrics["eval_accuracy"] > 0.5
+
+
+def test_chat_data_packed_and_trained_with_gradient_checkpointing(
+    tiny_llama_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
+) -> None:
+    job = cpu_job(
+        tiny_llama_dir,
+        data_dir / "chat.jsonl",
+        tmp_path / "out",
+        method=LORA,
+        dataset={"format": "chat", "packing": True, "maxSeqLength": 256},
+        training={"maxSteps": 15, "gradientCheckpointing": True, "batchSizePerDevice": 4},
+    )
+    result = run_job(job)
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3])
+    assert result.model.base_model.model.is_gradient_checkpointing

@@ -49,3 +49,12 @@ def test_fail_writes_the_log_and_exits_non_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert log.read_text() == "InsufficientGPUMemory: needs ~30.0 GiB per GPU, has 24.0\n"
+
+
+def test_the_first_failure_of_a_pod_is_the_one_kept(tmp_path: Path) -> None:
+    from kubetune_trainer.termination import write_termination_message
+
+    log = tmp_path / "termination-log"
+    write_termination_message("InvalidDataset", "row 3 has no output", log)
+    write_termination_message("DistBackendError", "connection closed by peer", log)
+    assert log.read_text() == "InvalidDataset: row 3 has no output\n"

@@ -104,7 +104,7 @@ class CheckpointStore:
         return self.fetch(steps[-1])
 
 
-class CheckpointSyncCallback(TrainerCallback):  # type: ignore[misc]
+class CheckpointSyncCallback(TrainerCallback):
     """After each save: upload the node's files, barrier, mark complete, prune."""
 
     def __init__(
@@ -118,7 +118,7 @@ class CheckpointSyncCallback(TrainerCallback):  # type: ignore[misc]
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        local = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         barrier()  # every rank has written its part
         if distributed.is_local_main_process() and local.exists():
             self.store.upload(local)
@@ -141,7 +141,7 @@ class CheckpointSyncCallback(TrainerCallback):  # type: ignore[misc]
         barrier()
 
 
-class PreemptionCallback(TrainerCallback):  # type: ignore[misc]
+class PreemptionCallback(TrainerCallback):
     """On SIGTERM (eviction, preemption, node drain): save a checkpoint at the next step and stop.
 
     The signal may reach only some ranks (one pod evicted), so the decision is all-reduced

@@ -399,9 +399,8 @@ class CausalLMCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collator_for(
-    task: str, tokenizer: PreTrainedTokenizerBase
-) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+def collator_for(task: str, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """A callable turning a list of examples into a padded batch."""
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if task == "causal-lm":
@@ -410,5 +409,5 @@ def collator_for(
             raise DataError("the tokenizer has neither a pad nor an eos token to pad with")
         return CausalLMCollator(int(pad))
     if task == "token-cls":
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)  # type: ignore[no-any-return]
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)  # type: ignore[no-any-return]
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kubetune_trainer.estimate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("-f", "--file", required=True, type=Path, help="FineTuneJob manifest (YAML or JSON)")
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--format", choices=("table", "text", "json"), default="table")
     args = parser.parse_args(argv)
     from .termination import TrainerError
 

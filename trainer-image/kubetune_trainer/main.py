@@ -71,5 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if report_dir := os.environ.get("KUBETUNE_REPORT_DIR"):  # set by `kubetune run`
             from .report import write_report
 
-            write_report(Path(report_dir), result.log_history, result.manifest, result.trainable_params, result.total_params)
+            write_report(
+                Path(report_dir),
+                result.log_history,
+                result.manifest,
+                result.trainable_params,
+                result.total_params,
+            )
     return 0

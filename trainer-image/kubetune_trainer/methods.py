@@ -94,7 +94,7 @@ def _saved_modules(extra: list[str], context: MethodContext) -> list[str] | None
 
 def lora_config(method: MethodSpec, context: MethodContext) -> PeftConfig:
     lora = method.effective_lora
-    init: bool | str = True if lora.init == "default" else lora.init
+    init: Any = True if lora.init == "default" else lora.init
     return LoraConfig(
         task_type=context.peft_task,
         r=lora.r,
@@ -242,7 +242,7 @@ def _layer_container(model: nn.Module, num_layers: int) -> str:
         raise SpecError(
             f"cannot find the {num_layers} transformer blocks to unfreeze in {type(model).__name__}"
         )
-    return min(candidates, key=len)
+    return str(min(candidates, key=len))
 
 
 def freeze_layers(model: nn.Module, method: MethodSpec, context: MethodContext) -> None:
@@ -322,8 +322,8 @@ def quantization_config(spec: FineTuneJobSpec) -> Any:
     quantization = spec.method.effective_quantization
     zero3 = spec.deepspeed is not None and spec.deepspeed.zero_stage == 3
     if quantization.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.type,
         bnb_4bit_use_double_quant=quantization.double_quant,
@@ -338,7 +338,7 @@ def apply_method(model: nn.Module, spec: FineTuneJobSpec, context: MethodContext
     """Wrap or freeze ``model`` as ``spec.method`` says; return the model to train."""
     method = method_for(spec)
     if method.quantized:
-        model = prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model,
             use_gradient_checkpointing=spec.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},

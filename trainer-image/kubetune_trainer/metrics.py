@@ -140,7 +140,7 @@ class TrainingMetrics:
         return MetricsServer(port=server.server_address[1], _server=server, _thread=thread)
 
 
-class MetricsCallback(TrainerCallback):  # type: ignore[misc]
+class MetricsCallback(TrainerCallback):
     """Feeds :class:`TrainingMetrics` from the Trainer's events.
 
     Throughput is measured between logging events from the step counter and the

@@ -298,11 +298,14 @@ class Destination:
             )
             return
         for sub in self._list_keys(key):
-            with_retries(
-                lambda sub=sub: self.client.delete_object(Bucket=self.bucket, Key=sub),
-                f"deleting s3://{self.bucket}/{sub}",
-                self.policy,
-            )
+            self._delete_key(sub)
+
+    def _delete_key(self, key: str) -> None:
+        with_retries(
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+            f"deleting s3://{self.bucket}/{key}",
+            self.policy,
+        )
 
     def _list_keys(self, prefix: str) -> list[str]:
         def listing() -> list[str]:

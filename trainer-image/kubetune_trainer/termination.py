@@ -112,13 +112,17 @@ def termination_log_path() -> Path:
 def write_termination_message(reason: str, message: str, path: Path | None = None) -> str:
     """Write the line to the termination log (and stderr); return it.
 
+    The first failure wins: every process of a pod shares the log, and the rank that failed
+    first holds the cause, while the others often fail after it only because it went away.
     A missing or read-only log (a laptop has no /dev/termination-log) is not an error.
     """
     line = format_termination_message(reason, message)
     target = path or termination_log_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(line + "\n", encoding="utf-8")
+        with target.open("a", encoding="utf-8") as log:
+            if log.tell() == 0:
+                log.write(line + "\n")
     except OSError:
         pass
     print(line, file=sys.stderr, flush=True)

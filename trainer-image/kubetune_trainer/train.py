@@ -165,7 +165,7 @@ def load_tokenizer(model_dir: Path, spec: FineTuneJobSpec) -> tuple[PreTrainedTo
     new_ids: tuple[int, ...] = ()
     if spec.model.added_tokens:
         tokenizer.add_tokens(list(spec.model.added_tokens))
-        new_ids = tuple(int(tokenizer.convert_tokens_to_ids(token)) for token in spec.model.added_tokens)
+        new_ids = tuple(int(str(tokenizer.convert_tokens_to_ids(token))) for token in spec.model.added_tokens)
     return tokenizer, new_ids
 
 
@@ -238,7 +238,7 @@ def load_model(
 # ----------------------------------------------------------------------------------- training
 
 
-class KubetuneTrainer(Trainer):  # type: ignore[misc]
+class KubetuneTrainer(Trainer):
     """The Trainer with per-group learning rates and DeepSpeed's CPU Adam for offloaded optimizer state."""
 
     checkpoints: CheckpointStore
@@ -294,7 +294,8 @@ class KubetuneTrainer(Trainer):  # type: ignore[misc]
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None or not (self.learning_rate_groups or self.cpu_adam):
             return super().create_optimizer(model) if self.optimizer is None else self.optimizer
-        groups = self.parameter_groups(self.model if model is None else model)
+        trained: Any = self.model if model is None else model
+        groups = self.parameter_groups(trained)
         for group in groups:
             log.info(
                 "parameter group %s: %d tensors, lr %g",
@@ -314,7 +315,7 @@ class KubetuneTrainer(Trainer):  # type: ignore[misc]
                 adamw_mode=True,
             )
         else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, trained)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
@@ -339,7 +340,7 @@ def restore_adalora_ranks(model: Any, checkpoint: Path) -> None:
         config.rank_pattern = json.loads(pattern_file.read_text())
 
 
-class AdaLoraCallback(TrainerCallback):  # type: ignore[misc]
+class AdaLoraCallback(TrainerCallback):
     """AdaLoRA reallocates ranks from the gradients: after each optimizer step, before zero_grad."""
 
     def on_optimizer_step(
@@ -393,7 +394,7 @@ def build_trainer(
     return trainer
 
 
-class SaveAtEndCallback(TrainerCallback):  # type: ignore[misc]
+class SaveAtEndCallback(TrainerCallback):
     """Checkpoint the last step too: a pod lost while publishing (or between chain rounds)
     restarts straight into publishing instead of training again."""
 
@@ -410,9 +411,12 @@ def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
     deltas = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            a = module.lora_A["default"].weight.detach().float().cpu().clone()
-            b = module.lora_B["default"].weight.detach().float().cpu().clone() * module.scaling["default"]
+        if not isinstance(module, LoraLayer):
+            continue
+        layer: Any = module  # peft's layers are typed loosely
+        if "default" in layer.lora_A:
+            a = layer.lora_A["default"].weight.detach().float().cpu().clone()
+            b = layer.lora_B["default"].weight.detach().float().cpu().clone() * layer.scaling["default"]
             deltas[name] = (a, b)
     return deltas
 
@@ -452,6 +456,17 @@ def save_stacked_lora(
     stacked.save_pretrained(str(target))
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing under the name this transformers uses (renamed in 5.x; the old name
+    still works, with a warning, until 6)."""
+    if not enabled:
+        return {}
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    # Non-reentrant checkpointing needs no input gradients, so frozen embeddings under peft work as they are.
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: bool) -> TrainingArguments:
     """The Trainer's arguments from the spec. Creating them also sets up torch.distributed."""
     training = spec.training
@@ -472,8 +487,7 @@ def training_arguments(spec: FineTuneJobSpec, workdir: Path, has_validation: boo
         max_steps=training.max_steps or -1,
         bf16=training.precision == "bf16",
         fp16=training.precision == "fp16",
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        **checkpointing_arguments(training.gradient_checkpointing),
         seed=training.seed,
         data_seed=training.seed,
         logging_steps=training.log_every_steps,
@@ -512,7 +526,8 @@ def classification_metrics(task: Task) -> Any:
         return float(np.mean(scores)) if scores else 0.0
 
     def compute(prediction: EvalPrediction) -> dict[str, float]:
-        logits, labels = prediction.predictions, prediction.label_ids
+        logits: Any = prediction.predictions
+        labels: Any = prediction.label_ids
         if task == Task.QUESTION_ANSWERING:
             start_logits, end_logits = logits[0], logits[1]
             starts, ends = labels[0], labels[1]
@@ -557,9 +572,8 @@ def save_adapter(
     if initial_adapter is not None:
         # PiSSA/OLoRA changed the base weights; converting gives a plain LoRA (rank 2r) for the original base.
         if distributed.is_main_process():
-            trainer.model.save_pretrained(
-                target, path_initial_model_for_weight_conversion=str(initial_adapter)
-            )
+            trained: Any = trainer.model
+            trained.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_adapter))
     else:
         trainer.save_model(str(target))
     if distributed.is_main_process():
@@ -584,7 +598,7 @@ def merge_into_base(
     from peft import PeftModel
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()  # otherwise from_pretrained would be a collective
+    unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]  # otherwise from_pretrained would be a collective
     dtype = TORCH_DTYPES[spec.training.precision]
     base = MODEL_CLASSES[spec.model.task].from_pretrained(
         model_dir, dtype=dtype, trust_remote_code=spec.model.trust_remote_code
@@ -636,7 +650,7 @@ def _run(
     data = build_data(spec, tokenizer, args)
     steps = total_steps(spec, len(data.train))
 
-    model = load_model(spec, model_dir, tokenizer, data)
+    model: Any = load_model(spec, model_dir, tokenizer, data)
     context = MethodContext(
         task=spec.model.task,
         total_steps=steps,
@@ -686,18 +700,19 @@ def _run(
         if resume is not None:
             restore_adalora_ranks(trainer.model, resume)
         train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        model = trainer.model
         history.extend(trainer.state.log_history)
         if preemption.stopped:
             break
     if rounds > 1 and not preemption.stopped:
-        chain_deltas.append(lora_deltas(trainer.model))
+        chain_deltas.append(lora_deltas(model))
     result = RunResult(
         trainer.state.global_step,
         trainable,
         total,
         preempted=preemption.stopped,
         log_history=history,
-        model=trainer.model,
+        model=model,
     )
     result.metrics["train_loss"] = float(train_output.training_loss)
     if preemption.stopped:
@@ -724,9 +739,9 @@ def _run(
             if spec.method.type == MethodType.DORA:
                 # DoRA rescales each weight by a learned magnitude: rounds do not add up to one
                 # adapter, so a DoRA chain's result is the merged model.
-                trainer.model.merge_and_unload().save_pretrained(adapter_dir)
+                model.merge_and_unload().save_pretrained(adapter_dir)
             else:
-                save_stacked_lora(chain_deltas, trainer.model, adapter_dir)
+                save_stacked_lora(chain_deltas, model, adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
         barrier()
     else:
