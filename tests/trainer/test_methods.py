@@ -21,6 +21,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ATTENTION},
         "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"},
     },
+    "qlora-8bit": {
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ATTENTION},
+        "quantization": {"bits": 8, "computeDtype": "float32"},
+    },
     "adalora": {
         "adalora": {
             "initR": 8,
@@ -143,7 +147,7 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "out"
-    method_block = {"type": method, **copy.deepcopy(METHODS[method])}
+    method_block = {"type": method.removesuffix("-8bit"), **copy.deepcopy(METHODS[method])}
     job = counting_job(
         tiny_llama_dir, data_dir, output, method_block, LEARNING_RATES.get(method, 3e-2), STEPS
     )
@@ -172,7 +176,11 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
         assert not torch.equal(
             base["model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"]
         )
-    elif method not in ("full", "qlora"):  # a quantized base is checked through its reload below
+    elif method not in (
+        "full",
+        "qlora",
+        "qlora-8bit",
+    ):  # a quantized base is checked through its reload below
         compared = [name for name in original if name in base]
         assert len(compared) >= len(original) - 1, sorted(set(original) - set(base))
         assert [name for name in compared if not torch.equal(base[name], original[name])] == []
