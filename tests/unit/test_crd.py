@@ -72,7 +72,11 @@ def test_enums_ranges_and_defaults_reach_the_schema() -> None:
     assert method["lora"]["properties"]["r"]["minimum"] == 1
     assert method["quantization"]["properties"]["bits"]["enum"] == [4, 8]
     assert spec["training"]["properties"]["learningRate"]["exclusiveMinimum"] is True
-    assert spec["resources"]["properties"]["sharedMemory"]["x-kubernetes-int-or-string"] is True
+    shared_memory = spec["resources"]["properties"]["sharedMemory"]
+    assert shared_memory["x-kubernetes-int-or-string"] is True
+    # The API server drops `pattern` on int-or-string fields, so a CEL rule must refuse 'lots'.
+    assert "isQuantity(self)" in shared_memory["x-kubernetes-validations"][0]["rule"]
+    assert "isQuantity(self)" in str(spec["resources"]["properties"]["requests"]["additionalProperties"])
     assert set(openapi_schema()["properties"]["spec"]["required"]) == {"model", "dataset", "output"}
 
 

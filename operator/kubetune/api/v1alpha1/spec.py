@@ -24,7 +24,15 @@ Quantity = Annotated[
         lambda value: str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     ),
     StringConstraints(pattern=QUANTITY_PATTERN, max_length=64),
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    # The API server keeps no `pattern` on an int-or-string field; its CEL quantity library judges instead.
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                {"rule": "type(self) == int || isQuantity(self)", "message": "must be a Kubernetes quantity such as 16, 500m or 64Gi"}
+            ],
+        }
+    ),
 ]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 ModulePattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
