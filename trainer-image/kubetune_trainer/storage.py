@@ -203,20 +203,22 @@ def _resolve_s3(source: SourceURI, revision: str | None, client: S3Client | None
     return data_dir / Path(source.path).name if single else data_dir
 
 
-def _resolve_hf(source: SourceURI, revision: str | None) -> Path:
+def _resolve_hf(source: SourceURI, revision: str | None, repo_type: str) -> Path:
     """``hf://org/name[/subfolder]`` through the hub client (honours HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE)."""
     parts = source.path.split("/", 1)
     if not parts[0]:
         raise SourceError(f"hf URI needs org/name: {source.uri!r}")
     repo_id = f"{source.authority}/{parts[0]}"
     subfolder = parts[1] if len(parts) > 1 else ""
-    entry = _cache_entry({"uri": f"hf://{repo_id}", "revision": revision or "main"})
+    entry = _cache_entry({"uri": f"hf://{repo_id}", "revision": revision or "main", "type": repo_type})
 
     def fill(target: Path) -> None:
         from huggingface_hub import snapshot_download
 
         try:
-            snapshot_download(repo_id=repo_id, revision=revision or None, local_dir=str(target))
+            snapshot_download(
+                repo_id=repo_id, repo_type=repo_type, revision=revision or None, local_dir=str(target)
+            )
         except Exception as error:  # the hub client raises many unrelated types
             raise SourceError(f"cannot download {source.uri}: {type(error).__name__}: {error}") from error
 
@@ -224,8 +226,13 @@ def _resolve_hf(source: SourceURI, revision: str | None) -> Path:
     return data_dir / subfolder if subfolder else data_dir
 
 
-def resolve_source(uri: str, revision: str | None = None, *, s3_client: S3Client | None = None) -> Path:
-    """Return a local path holding what ``uri`` names, downloading it (once per node) if needed."""
+def resolve_source(
+    uri: str, revision: str | None = None, *, s3_client: S3Client | None = None, hub_repo_type: str = "model"
+) -> Path:
+    """Return a local path holding what ``uri`` names, downloading it (once per node) if needed.
+
+    ``hub_repo_type`` tells the Hub whether an ``hf://`` URI names a model or a dataset.
+    """
     source = parse_uri(uri)
     if source.scheme == "file":
         path = Path(source.path)
@@ -234,7 +241,7 @@ def resolve_source(uri: str, revision: str | None = None, *, s3_client: S3Client
     elif source.scheme == "s3":
         path = _resolve_s3(source, revision, s3_client)
     else:
-        path = _resolve_hf(source, revision)
+        path = _resolve_hf(source, revision, hub_repo_type)
     if not path.exists():
         raise SourceError(f"{uri} resolves to {path}, which does not exist")
     return path

@@ -173,7 +173,7 @@ def build_data(
     spec: FineTuneJobSpec, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments
 ) -> TaskData:
     """Rank 0 of each node tokenizes first (and fills the datasets cache); the others then read it."""
-    data_path = resolve_source(spec.dataset.source)
+    data_path = resolve_source(spec.dataset.source, hub_repo_type="dataset")
     with args.main_process_first(desc="tokenizing the dataset", local=True):
         rows = load_rows(data_path, file_type=spec.dataset.file_type)
         data = build_task_data(rows, tokenizer, spec.dataset, spec.model.task, seed=spec.training.seed)
@@ -616,6 +616,8 @@ def merge_into_base(
 def run(job: FineTuneJob, spec_digest: str, workdir: Path) -> RunResult:
     """Train ``job`` in this process (one of the job's ranks) and, on rank 0, publish the result."""
     spec = job.spec
+    # DeepSpeed guesses its accelerator from what it can import; on a CPU-only machine say it.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     transformers.set_seed(spec.training.seed)
     check_combination(spec)
     metrics, server = start_metrics(job)
