@@ -39,8 +39,8 @@ tools: install  ## Build or fetch the test components (Kubernetes binaries, trai
 	hack/install-tools.sh
 
 lint: install  ## ruff, mypy (strict) and the import layering contracts.
-	$(BIN)/ruff check operator tests
-	$(BIN)/mypy operator/kubetune
+	$(BIN)/ruff check operator trainer-image tests
+	$(BIN)/mypy operator/kubetune trainer-image/kubetune_trainer
 	$(BIN)/lint-imports
 
 generate: install  ## Rebuild every generated file from the API models.

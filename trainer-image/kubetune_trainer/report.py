@@ -16,7 +16,7 @@ def summarize(
     """Numbers from the Trainer's log history and the published manifest (pure, so it is testable)."""
     losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
     evals = [entry["eval_loss"] for entry in log_history if "eval_loss" in entry]
-    final = next((e for e in reversed(log_history) if "train_runtime" in e), {})
+    final: dict[str, Any] = next((e for e in reversed(log_history) if "train_runtime" in e), {})
     tokens = final.get("num_input_tokens_seen")
     runtime = final.get("train_runtime")
     return {
