@@ -33,7 +33,7 @@ SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
 class RenderConfig:
     """What the operator adds to every job (from its own configuration)."""
 
-    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    trainer_image: str = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     """Used when spec.trainer.image is unset."""
 
 
