@@ -251,10 +251,15 @@ class StatusHistory:
     def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
         self.statuses: list[dict[str, Any]] = []
         self._watch = watch.Watch()
-        self._thread = threading.Thread(target=self._run, args=(cluster, namespace, name), daemon=True)
+        # The watch starts from a resourceVersion read now, before the job exists, so the writes the
+        # operator makes while the thread is still connecting are replayed rather than folded into one
+        # ADDED event of the object as it stands by then.
+        listed = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        since = listed["metadata"]["resourceVersion"]
+        self._thread = threading.Thread(target=self._run, args=(cluster, namespace, name, since), daemon=True)
         self._thread.start()
 
-    def _run(self, cluster: Cluster, namespace: str, name: str) -> None:
+    def _run(self, cluster: Cluster, namespace: str, name: str, since: str) -> None:
         with contextlib.suppress(Exception):
             for event in self._watch.stream(
                 cluster.custom.list_namespaced_custom_object,
@@ -263,6 +268,7 @@ class StatusHistory:
                 namespace,
                 PLURAL,
                 field_selector=f"metadata.name={name}",
+                resource_version=since,
                 timeout_seconds=300,
             ):
                 status = event["object"].get("status")
