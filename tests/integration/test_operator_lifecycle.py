@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Operator:
     metrics_port: int
     health_port: int
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         env = {
@@ -74,6 +75,7 @@ class Operator:
             # Stand-in for the pod network: kwok's pod IPs lead nowhere, so progress is read from 127.0.0.1
             # on the job's spec.metrics.port, where a test serves the trainer's /metrics.
             "KUBETUNE_PROGRESS_HOST": "127.0.0.1",
+            **self.extra_env,
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([str(KUBETUNE), "operator"], env=env, stdout=log, stderr=log)
