@@ -212,39 +212,6 @@ def test_deleting_an_owner_deletes_what_it_owns(cluster: Cluster, namespace: str
 # ------------------------------------------------------------------------------------------ the kubetune CRD
 
 
-@pytest.fixture(scope="session")
-def kubetune_crd(cluster: Cluster) -> dict[str, Any]:
-    """crds/kubetune.io_finetunejobs.yaml applied (server-side, as a GitOps tool would) and Established."""
-    if not KUBETUNE_CRD.exists():
-        pytest.skip(f"{KUBETUNE_CRD.relative_to(REPO_DIR)} is not generated yet (make generate)")
-    crd = yaml.safe_load(KUBETUNE_CRD.read_text())
-    cluster.kubectl(
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=kubetune-tests",
-        "-f",
-        str(KUBETUNE_CRD),
-    )
-    name = crd["metadata"]["name"]
-    wait_for_condition(
-        lambda: cluster.apiextensions.read_custom_resource_definition(name).to_dict(),
-        "Established",
-        timeout=30,
-    )
-    # The CRD is Established before discovery serves it; wait until the resource answers.
-    group, version = crd["spec"]["group"], crd["spec"]["versions"][0]["name"]
-    wait_for(
-        lambda: (
-            cluster.custom.list_cluster_custom_object(group, version, crd["spec"]["names"]["plural"])
-            is not None
-        ),
-        timeout=30,
-        description=f"{name} to be served",
-    )
-    return crd
-
-
 def test_the_kubetune_crd_installs_and_becomes_established(
     cluster: Cluster, kubetune_crd: dict[str, Any]
 ) -> None:

@@ -38,7 +38,6 @@ pytestmark = pytest.mark.cluster
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 PTJ = ("kubeflow.org", "v1", "pytorchjobs")
-KUBETUNE_CRD = REPO_DIR / "crds" / "kubetune.io_finetunejobs.yaml"
 KUBETUNE = REPO_DIR / ".venv" / "bin" / "kubetune"
 CHILDREN = "app.kubernetes.io/managed-by=kubetune"
 
@@ -114,24 +113,6 @@ class Operator:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
             return str(response.read().decode())
-
-
-@pytest.fixture(scope="session")
-def kubetune_crd(cluster: Cluster) -> None:
-    """The generated CRD, applied as a GitOps tool would, and served."""
-    cluster.kubectl(
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=kubetune-tests",
-        "-f",
-        str(KUBETUNE_CRD),
-    )
-    wait_for(
-        lambda: cluster.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL) is not None,
-        timeout=60,
-        description="the FineTuneJob resource to be served",
-    )
 
 
 @pytest.fixture

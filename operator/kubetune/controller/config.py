@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.render import RenderConfig
@@ -32,6 +32,24 @@ class OperatorConfig(BaseSettings):
 
     For a cluster whose pod network the operator cannot reach (a port-forward, the test control plane).
     """
+
+    leader_election: bool = False
+    """KUBETUNE_LEADER_ELECTION: reconcile only while holding a Lease; other replicas wait as standbys."""
+    leader_election_namespace: str = ""
+    """KUBETUNE_LEADER_ELECTION_NAMESPACE: namespace of the Lease (the chart sets the operator's own)."""
+    leader_election_lease: str = "kubetune-operator"
+    """KUBETUNE_LEADER_ELECTION_LEASE: name of the coordination.k8s.io Lease the replicas compete for."""
+    leader_election_lease_seconds: Annotated[int, Field(ge=5, le=300)] = 15
+    """KUBETUNE_LEADER_ELECTION_LEASE_SECONDS: how long a vanished leader blocks its standbys."""
+
+    @model_validator(mode="after")
+    def _lease_has_a_namespace(self) -> OperatorConfig:
+        if self.leader_election and not self.leader_election_namespace:
+            raise ValueError(
+                "KUBETUNE_LEADER_ELECTION is on but KUBETUNE_LEADER_ELECTION_NAMESPACE is empty: "
+                "set it to the namespace the operator runs in (the chart does)"
+            )
+        return self
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import uuid
+
 import kopf
+from kubernetes import config
 
 from kubetune.controller.config import OperatorConfig
+from kubetune.controller.leader import LeaseSettings, run_as_leader
 
 
 def run_operator(verbose: bool = False, json_logs: bool = True) -> None:
-    """One active reconciler (standalone, no peering): the chart runs one replica with the Recreate strategy."""
+    """Run the handlers in this process; with leader election, only once this replica holds the Lease.
+
+    kopf itself runs standalone either way: its peering pauses a standby but is not a lease, so the Lease
+    (see leader.py) decides which replica reconciles.
+    """
     settings = OperatorConfig()
     kopf.configure(
         verbose=verbose,
@@ -18,9 +27,24 @@ def run_operator(verbose: bool = False, json_logs: bool = True) -> None:
     from kubetune.controller import handlers  # noqa: F401  (registers the handlers)
 
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    kopf.run(
-        standalone=True,
-        clusterwide=not settings.namespaces,
-        namespaces=list(settings.namespaces),
-        liveness_endpoint=liveness,
+
+    def reconcile() -> None:
+        kopf.run(
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=list(settings.namespaces),
+            liveness_endpoint=liveness,
+        )
+
+    if not settings.leader_election:
+        reconcile()
+        return
+    config.load_config()  # type: ignore[no-untyped-call]  # the default client the Lease calls use
+    lease = LeaseSettings(
+        name=settings.leader_election_lease,
+        namespace=settings.leader_election_namespace,
+        identity=f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}",
+        lease_duration_seconds=settings.leader_election_lease_seconds,
+        renew_deadline_seconds=max(1, settings.leader_election_lease_seconds * 2 // 3),
     )
+    run_as_leader(lease, reconcile, health_port=settings.health_port)

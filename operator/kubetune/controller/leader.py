@@ -1,0 +1,138 @@
+"""Leader election on a coordination.k8s.io Lease, so that standby replicas wait instead of reconciling.
+
+The election itself is the kubernetes client's `LeaderElection` with a `LeaseLock` (the same Lease protocol
+as client-go: holder, duration, renew time, optimistic concurrency on resourceVersion). What this module adds
+is what an operator needs around it:
+
+- a standby answers its liveness probe (`/healthz`) while it waits, because kopf's own endpoint only starts
+  with kopf;
+- a leader that cannot renew its Lease exits at once (as controller-runtime does), before a standby can take
+  over, so two replicas never reconcile together; Kubernetes restarts the container as a new standby;
+- a leader that stops on its own (SIGTERM on a rollout) hands the Lease back, so its successor starts at once
+  instead of after the lease duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.leaderelection import electionconfig, leaderelection
+from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """client-go's defaults: a standby takes over 15-17 s after a leader vanished without handing back."""
+
+    name: str
+    namespace: str
+    identity: str
+    lease_duration_seconds: int = 15
+    renew_deadline_seconds: int = 10
+    retry_period_seconds: int = 2
+
+
+class _StoppableLeaseLock(LeaseLock):
+    """A LeaseLock that stops writing once ``stopped`` is set, so a released Lease is not taken again."""
+
+    def __init__(self, settings: LeaseSettings, stopped: threading.Event) -> None:
+        super().__init__(settings.name, settings.namespace, settings.identity)  # type: ignore[no-untyped-call]
+        self.stopped = stopped
+
+    def create(self, name: str, namespace: str, election_record: object) -> bool:
+        return not self.stopped.is_set() and bool(super().create(name, namespace, election_record))  # type: ignore[no-untyped-call]
+
+    def update(self, name: str, namespace: str, updated_record: object) -> bool:
+        return not self.stopped.is_set() and bool(super().update(name, namespace, updated_record))  # type: ignore[no-untyped-call]
+
+
+def _exit_lost_lease(stopped: threading.Event) -> None:
+    if stopped.is_set():
+        return
+    log.error("lost the leader lease; exiting so that no two replicas reconcile at once")
+    logging.shutdown()
+    os._exit(1)  # the event loop of kopf may be busy; only a hard exit is sure to stop reconciling now
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        alive = self.path.split("?", 1)[0] == "/healthz"
+        self.send_response(200 if alive else 404)
+        self.end_headers()
+        if alive:
+            self.wfile.write(b"standby: waiting for the leader lease\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes every few seconds are not worth a log line."""
+
+
+@contextlib.contextmanager
+def standby_health(port: int) -> Iterator[None]:
+    """Answer /healthz on ``port`` until the block ends (then kopf binds the same port)."""
+    if not port:
+        yield
+        return
+    server = ThreadingHTTPServer(("0.0.0.0", port), _Healthz)  # probes come from the kubelet, not loopback
+    thread = threading.Thread(target=server.serve_forever, name="standby-healthz", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def release(settings: LeaseSettings) -> None:
+    """Hand the Lease back if this process still holds it (clear the holder, as client-go's ReleaseOnCancel)."""
+    api = client.CoordinationV1Api()
+    try:
+        lease = api.read_namespaced_lease(settings.name, settings.namespace)
+        if lease.spec is None or lease.spec.holder_identity != settings.identity:
+            return
+        lease.spec.holder_identity = None
+        lease.spec.lease_duration_seconds = 1
+        lease.spec.renew_time = datetime.now(UTC)
+        api.replace_namespaced_lease(settings.name, settings.namespace, lease)
+        log.info("handed the leader lease %s/%s back", settings.namespace, settings.name)
+    except ApiException as error:
+        log.warning(
+            "could not hand the leader lease back (%s); a standby takes over when it expires", error.reason
+        )
+
+
+def run_as_leader(settings: LeaseSettings, run: Callable[[], None], health_port: int = 0) -> None:
+    """Wait as a standby until this process holds the Lease, then ``run()``; release the Lease when it returns."""
+    leading, stopped = threading.Event(), threading.Event()
+    election = leaderelection.LeaderElection(  # type: ignore[no-untyped-call]
+        electionconfig.Config(  # type: ignore[no-untyped-call]
+            _StoppableLeaseLock(settings, stopped),
+            lease_duration=settings.lease_duration_seconds,
+            renew_deadline=settings.renew_deadline_seconds,
+            retry_period=settings.retry_period_seconds,
+            onstarted_leading=leading.set,
+            onstopped_leading=lambda: _exit_lost_lease(stopped),
+        )
+    )
+    log.info(
+        "standby %s: waiting for the leader lease %s/%s", settings.identity, settings.namespace, settings.name
+    )
+    with standby_health(health_port):
+        threading.Thread(target=election.run, name="leader-election", daemon=True).start()
+        leading.wait()
+    log.info("%s leads: starting the handlers", settings.identity)
+    try:
+        run()
+    finally:
+        stopped.set()
+        release(settings)
