@@ -24,7 +24,7 @@ install: $(INSTALLED)  ## Create .venv with kubetune and every dependency (const
 $(INSTALLED): pyproject.toml constraints.txt scripts/install-deepspeed.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[operator,trainer,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[operator,trainer,dev,bench]'
 	scripts/install-deepspeed.sh $(VENV)
 	touch $@
 
