@@ -85,8 +85,10 @@ def can_i(cluster: Cluster, service_account: str, verb: str, resource: str, name
 
     Sent directly (with the groups the API server gives every ServiceAccount token) so that the answer comes
     from RBAC alone: kubectl first resolves the resource through discovery and answers "no" for a kind whose
-    CRD is not installed, and this test installs the chart without its CRD.
+    CRD is not installed, and this test installs the chart without its CRD. `RESOURCE/SUB` names a subresource,
+    `RESOURCE#NAME` one object.
     """
+    resource, _, name = resource.partition("#")
     kind, _, subresource = resource.partition("/")
     plural, _, group = kind.partition(".")
     sa_namespace = service_account.split(":")[2]
@@ -103,6 +105,7 @@ def can_i(cluster: Cluster, service_account: str, verb: str, resource: str, name
                 group=group,
                 resource=plural,
                 subresource=subresource or None,
+                name=name or None,
                 namespace=namespace or "",
             ),
         )
@@ -231,6 +234,21 @@ def test_helm_install_creates_the_operator_with_least_privilege_and_uninstall_re
         assert not denied(cluster, service_account, [*NEEDED_CLUSTER_WIDE, ("list", "namespaces")], None)
         assert not granted(cluster, service_account, FORBIDDEN, namespace)
         assert not granted(cluster, service_account, FORBIDDEN, None)
+
+        # Leader election: its own Lease in the release namespace, nobody else's, nowhere else.
+        lease = f"leases.coordination.k8s.io#{release}-kubetune"
+        leases = "leases.coordination.k8s.io"
+        assert not denied(
+            cluster, service_account, [("create", leases), ("get", lease), ("update", lease)], namespace
+        )
+        foreign_lease = f"{leases}#kube-scheduler"
+        assert not granted(
+            cluster,
+            service_account,
+            [("update", foreign_lease), ("delete", lease), ("list", leases)],
+            namespace,
+        )
+        assert not granted(cluster, service_account, [("create", leases), ("update", foreign_lease)], None)
     finally:
         uninstall(cluster, release, namespace)
 

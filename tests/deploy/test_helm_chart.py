@@ -37,6 +37,12 @@ CLUSTER_SCOPED = {
     ("", "nodes"): {"get"},
 }
 NAMESPACE_WATCH = {("", "namespaces"): {"list", "watch"}}
+LEADER_ELECTION = "kubetune-leader-election"
+
+
+def watch_roles(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The Roles or RoleBindings of the watched namespaces (the leader-election pair aside)."""
+    return [m for m in find(manifests, kind) if m["metadata"]["name"] != LEADER_ELECTION]
 
 
 def permissions(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -56,16 +62,29 @@ def test_chart_lints_strictly_with_default_and_ci_values(values: Path | None) ->
     helm("lint", str(CHART), "--strict", *(["-f", str(values)] if values else []))
 
 
-def test_default_install_is_cluster_wide_with_one_standalone_operator() -> None:
+def test_default_install_is_cluster_wide_with_one_leader_elected_operator() -> None:
     manifests = render()
     kinds = sorted(m["kind"] for m in manifests)
     assert kinds == sorted(
-        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "ConfigMap"]
+        [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Deployment",
+            "ConfigMap",
+        ]
     ), kinds
     deployment = one(manifests, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # The new pod waits as a standby until the old one hands the Lease back: a rollout is never unattended.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == one(manifests, "ServiceAccount")["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -78,6 +97,11 @@ def test_default_install_is_cluster_wide_with_one_standalone_operator() -> None:
     assert env["KUBETUNE_METRICS_PORT"] == "8080"
     assert env["KUBETUNE_HEALTH_PORT"] == "8081"
     assert env["KUBETUNE_PROGRESS_INTERVAL_SECONDS"] == "30"
+    assert env["KUBETUNE_LEADER_ELECTION"] == "true"
+    assert env["KUBETUNE_LEADER_ELECTION_LEASE"] == "kubetune"
+    assert env["KUBETUNE_LEADER_ELECTION_LEASE_SECONDS"] == "15"
+    lease_namespace = next(e for e in container["env"] if e["name"] == "KUBETUNE_LEADER_ELECTION_NAMESPACE")
+    assert lease_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     security = container["securityContext"]
@@ -104,16 +128,50 @@ def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}
     ]
+    assert not watch_roles(manifests, "Role") and not watch_roles(manifests, "RoleBinding")
+
+
+def test_leader_election_may_touch_only_its_own_lease_in_the_release_namespace() -> None:
+    manifests = render()
+    (role,) = find(manifests, "Role", LEADER_ELECTION)
+    assert role["metadata"]["namespace"] == "kubetune-system"
+    # `create` cannot be limited to a name (the object does not exist yet); get and update can.
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["kubetune"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    (binding,) = find(manifests, "RoleBinding", LEADER_ELECTION)
+    assert binding["roleRef"]["name"] == LEADER_ELECTION
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}
+    ]
+
+
+def test_without_leader_election_one_replica_is_replaced_not_rolled() -> None:
+    manifests = render(set_values=["leaderElection.enabled=false"])
     assert not find(manifests, "Role") and not find(manifests, "RoleBinding")
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in container["env"] if e["name"].startswith("KUBETUNE_LEADER_ELECTION")]
+
+
+def test_standby_replicas_are_allowed_with_leader_election() -> None:
+    assert one(render(set_values=["replicaCount=3"]), "Deployment")["spec"]["replicas"] == 3
 
 
 def test_namespaced_mode_grants_roles_only_in_the_watched_namespaces() -> None:
     manifests = render([NAMESPACED])
-    roles = find(manifests, "Role")
+    roles = watch_roles(manifests, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert permissions(role) == NAMESPACED_PERMISSIONS
-    bindings = find(manifests, "RoleBinding")
+    bindings = watch_roles(manifests, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["subjects"][0]["namespace"] == "kubetune-system"
@@ -187,7 +245,9 @@ def test_argocd_values_render_the_health_check_and_a_pinned_digest() -> None:
     [
         (["imagee.tag=x"], "imagee"),  # a typo is refused by values.schema.json
         (["monitoring.serviceMonitor.enabld=true"], "enabld"),
-        (["replicaCount=2"], "replicaCount"),  # the operator runs standalone: two would both handle every job
+        # Without a Lease, two replicas would both handle every job.
+        (["replicaCount=2", "leaderElection.enabled=false"], "leaderElection.enabled"),
+        (["leaderElection.leaseDurationSeconds=2"], "leaseDurationSeconds"),
         (["monitoring.serviceMonitor.enabled=true", "service.enabled=false"], "service.enabled"),
         (["watchNamespaces={Team_A}"], "watchNamespaces"),
         (["image.pullPolicy=Sometimes"], "pullPolicy"),
