@@ -9,6 +9,7 @@ annotations on the PyTorchJob's pod templates, and resumes it (`start_with_pod_a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import json
 import os
@@ -354,8 +355,115 @@ def test_a_failing_trainer_ends_failed_with_its_termination_message(
     assert status_condition(failed, "Failed")["reason"] == "TrainerError"
     assert "no column 'output'" in status_condition(failed, "Failed")["message"]
     assert failed["status"]["completionTime"]
-    warnings = [e for e in events_of(cluster, namespace, name) if e.type == "Warning"]
-    assert any(e.reason == "TrainerError" for e in warnings)
+    # Events are posted after the status write they describe, by kopf in the background.
+    wait_for(
+        lambda: any(
+            e.type == "Warning" and e.reason == "TrainerError" for e in events_of(cluster, namespace, name)
+        ),
+        timeout=15,
+        description="a Warning event TrainerError",
+    )
+
+
+def test_a_succeeded_job_reports_the_adapter_its_trainer_published(
+    cluster: Cluster, operator: Operator, tmp_path: Path
+) -> None:
+    """The trainer's own summary (kubetune_trainer.termination) of a real publish, set by kwok as the
+    termination message of the pods that succeed; the operator never reads storage."""
+    from kubetune_trainer.publish import publish
+    from kubetune_trainer.termination import adapter_summary
+
+    namespace, name = operator.namespace, "published"
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text('{"r": 8}')
+    (adapter_dir / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    uri = f"file://{tmp_path}/published/"
+    manifest = publish(adapter_dir, uri)
+    summary = adapter_summary(manifest)
+    assert summary is not None
+
+    start_with_pod_annotations(
+        cluster,
+        a_manifest(name, namespace, output={"uri": uri}),
+        {"kwok.kubetune.io/outcome": "succeed", "kwok.kubetune.io/message": summary},
+    )
+    done = wait_for_phase(cluster, namespace, name, "Succeeded")
+    published = (tmp_path / "published" / "kubetune-manifest.json").read_bytes()
+    assert done["status"]["adapter"] == {
+        "uri": uri,
+        "files": ["adapter_config.json", "adapter_model.safetensors"],
+        "fileCount": 2,
+        "sizeBytes": 8 + 4096,
+        "sha256": hashlib.sha256(published).hexdigest(),
+    }
+    assert hashlib.sha256(published).hexdigest() in done["status"]["message"]
+
+
+def test_an_oom_killed_pod_retried_until_its_backoff_limit_ends_failed_with_reason_oom_killed(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """The training operator deletes and recreates an OOM-killed pod (restartPolicy ExitCode) and, counting
+    only container restarts, would do so forever; the operator counts the failures it sees, ends the job
+    at spec.runPolicy.backoffLimit with the cause, and stops the pods."""
+    namespace, name = operator.namespace, "oom"
+    history = StatusHistory(cluster, namespace, name)
+    manifest = a_manifest(
+        name, namespace, resources={"nodes": 1, "gpusPerNode": 1}, runPolicy={"backoffLimit": 1}
+    )
+    start_with_pod_annotations(
+        cluster,
+        manifest,
+        {
+            "kwok.kubetune.io/outcome": "fail",
+            "kwok.kubetune.io/exit-code": "137",
+            "kwok.kubetune.io/reason": "OOMKilled",
+        },
+    )
+    failed = wait_for_phase(cluster, namespace, name, "Failed", timeout=120)
+    history.stop()
+    status = failed["status"]
+    assert status_condition(failed, "Failed")["reason"] == "OOMKilled"
+    message = status_condition(failed, "Failed")["message"]
+    assert f"pod {name}-master-0 failed with OOMKilled, exit code 137" in message
+    assert "backoff limit reached after 1 restart(s) (spec.runPolicy.backoffLimit 1)" in message
+    assert status["restarts"] == 1
+    last = status["lastFailure"]
+    assert (last["reason"], last["exitCode"], last["pod"]) == ("OOMKilled", 137, f"{name}-master-0")
+    assert any(s.get("restarts") == 1 and s.get("phase") == "Running" for s in history.statuses), (
+        "the first kill was a restart, seen while the job ran"
+    )
+
+    # The pods are stopped; the PyTorchJob is kept, suspended, for `kubectl describe`.
+    assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is True
+    wait_for(
+        lambda: not cluster.core.list_namespaced_pod(namespace, label_selector=CHILDREN).items,
+        timeout=60,
+        description="the pods to be stopped",
+    )
+    # Both pods ran ~1 s on 1 GPU; the first one's time outlives it.
+    job = wait_for(
+        lambda: (j := read(cluster, namespace, name))["status"].get("gpuSeconds", 0) >= 2 and j,
+        timeout=30,
+        description="gpuSeconds of both pods",
+    )
+    assert job["status"]["gpuSecondsOfDeletedPods"] >= 1
+    wait_for(
+        lambda: (
+            [e.reason for e in events_of(cluster, namespace, name) if e.type == "Warning"].count("OOMKilled")
+            >= 2
+        ),
+        timeout=15,
+        description="Warning events OOMKilled: one for the restart, one for the failure",
+    )
+
+    # A restarted operator resumes every job: this one stays ended.
+    operator.kill()
+    operator.start()
+    time.sleep(3)
+    again = read(cluster, namespace, name)
+    assert again["status"]["phase"] == "Failed" and again["status"]["restarts"] == 1
+    assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is True
 
 
 def test_an_invalid_spec_past_the_schema_ends_stalled_naming_the_field_and_creates_nothing(

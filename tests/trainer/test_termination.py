@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -58,3 +59,55 @@ def test_the_first_failure_of_a_pod_is_the_one_kept(tmp_path: Path) -> None:
     write_termination_message("InvalidDataset", "row 3 has no output", log)
     write_termination_message("DistBackendError", "connection closed by peer", log)
     assert log.read_text() == "InvalidDataset: row 3 has no output\n"
+
+
+# ------------------------------------------------------------------------------- success: the adapter
+
+
+def published_adapter(tmp_path: Path, files: int) -> dict[str, object]:
+    from kubetune_trainer.publish import publish
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for index in range(files):
+        (folder / f"shard-{index:05d}.safetensors").write_bytes(b"w" * (index + 1))
+    return publish(folder, f"file://{tmp_path}/published/")
+
+
+def test_rank_zero_reports_the_published_adapter_as_its_termination_message(tmp_path: Path) -> None:
+    """The operator reads it back (it holds no storage credentials) into status.adapter."""
+    from kubetune.controller.adapter import parse_adapter_summary
+    from kubetune_trainer.termination import write_adapter_summary
+
+    manifest = published_adapter(tmp_path, files=3)
+    log = tmp_path / "termination-log"
+    written = write_adapter_summary(manifest, log)
+
+    assert written is not None and log.read_text() == written + "\n"
+    adapter = parse_adapter_summary(log.read_text(), f"file://{tmp_path}/published/")
+    assert adapter is not None
+    assert adapter.files == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert (adapter.file_count, adapter.size_bytes) == (3, 1 + 2 + 3)
+    published = (tmp_path / "published" / "kubetune-manifest.json").read_bytes()
+    assert adapter.sha256 == hashlib.sha256(published).hexdigest(), "what `sha256sum` says of the manifest"
+
+
+def test_a_file_list_too_long_for_the_kubelet_keeps_its_count_and_checksum(tmp_path: Path) -> None:
+    from kubetune.controller.adapter import parse_adapter_summary
+    from kubetune_trainer.termination import adapter_summary
+
+    manifest = published_adapter(tmp_path, files=400)
+    summary = adapter_summary(manifest)
+    assert summary is not None and len(summary.encode()) <= MAX_MESSAGE_BYTES
+    adapter = parse_adapter_summary(summary, f"file://{tmp_path}/published/")
+    assert adapter is not None and adapter.files == [] and adapter.file_count == 400
+    assert adapter.sha256 == manifest["manifestSha256"]
+
+
+def test_a_failure_already_in_the_log_is_not_replaced_by_the_summary(tmp_path: Path) -> None:
+    from kubetune_trainer.termination import write_adapter_summary, write_termination_message
+
+    log = tmp_path / "termination-log"
+    write_termination_message("DistBackendError", "connection closed by peer", log)
+    write_adapter_summary(published_adapter(tmp_path, files=1), log)
+    assert log.read_text() == "DistBackendError: connection closed by peer\n"

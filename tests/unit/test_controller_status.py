@@ -47,6 +47,8 @@ def a_pod(
     conditions: list[dict[str, Any]] | None = None,
     reason: str | None = None,
     node: str = "node-0",
+    uid: str | None = None,
+    deletion: str | None = None,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if terminated is not None:
@@ -63,8 +65,17 @@ def a_pod(
     }
     if reason:
         status["reason"] = reason
+    metadata: dict[str, Any] = {
+        "name": name,
+        "uid": uid or f"uid-{name}",
+        "labels": {"training.kubeflow.org/replica-type": replica, "training.kubeflow.org/replica-index": "0"},
+    }
+    if deletion:
+        # The API server sets deletionTimestamp to the request time plus the grace period.
+        metadata["deletionTimestamp"] = deletion
+        metadata["deletionGracePeriodSeconds"] = 0
     return {
-        "metadata": {"name": name, "labels": {"training.kubeflow.org/replica-type": replica}},
+        "metadata": metadata,
         "spec": {
             "nodeName": node,
             "containers": [{"name": "pytorch", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}],
@@ -319,3 +330,170 @@ def test_gpu_seconds_count_gpus_times_wall_time_of_running_and_finished_pods() -
     running = a_pod(gpus=8, running_since=T0)
     finished = a_pod("demo-worker-0", "worker", gpus=4, terminated={"exitCode": 0})
     assert gpu_seconds([running, finished], "nvidia.com/gpu", T2) == 8 * 120 + 4 * 60
+
+
+# ------------------------------------------------------------------------------ failures across restarts
+
+T3 = "2026-01-01T00:03:00Z"
+T4 = "2026-01-01T00:04:00Z"
+OOM = {"exitCode": 137, "reason": "OOMKilled"}
+
+
+def job_with_backoff(limit: int) -> FineTuneJob:
+    manifest = a_job().with_uid().with_spec(runPolicy={"backoffLimit": limit}).as_manifest()
+    manifest["metadata"]["generation"] = 1
+    return parse_job(manifest)
+
+
+def test_an_oom_killed_pod_retried_until_the_backoff_limit_ends_failed_with_reason_oom_killed() -> None:
+    """The training operator recreates the pod under restartPolicy ExitCode and never counts it; the
+    status keeps the cause after the pod is gone and ends the job at spec.runPolicy.backoffLimit."""
+    the_job = job_with_backoff(1)
+    first = a_pod(uid="first", phase="Failed", terminated={**OOM, "finishedAt": T1})
+    status = compute_status(
+        the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), [first]), T1
+    )
+    assert status.phase is Phase.RUNNING and status.restarts == 1
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.exit_code) == ("OOMKilled", 137)
+    assert (status.last_failure.pod, status.last_failure.pod_uid) == ("demo-master-0", "first")
+
+    # The pod is deleted and recreated: the cause stays in the status.
+    second = a_pod(uid="second", running_since=T2)
+    restarting = Observed(
+        a_pytorchjob("Created", "Restarting", message="job demo is restarting"),
+        [second],
+        deleted_pods=[first],
+    )
+    status = compute_status(the_job, status, restarting, T2)
+    assert status.phase is Phase.RUNNING and status.restarts == 1
+    assert conditions_of(status)["Ready"] == ("False", Reason.RESTARTING)
+    assert "OOMKilled" in (status.message or "")
+
+    # Killed again: the backoff limit is reached, although the PyTorchJob would restart it forever.
+    second_dead = a_pod(
+        uid="second", phase="Failed", running_since=None, terminated={**OOM, "finishedAt": T3}
+    )
+    status = compute_status(the_job, status, Observed(a_pytorchjob("Created", "Running"), [second_dead]), T3)
+    assert status.phase is Phase.FAILED
+    assert conditions_of(status)["Failed"] == ("True", Reason.OOM_KILLED)
+    failed = find_condition(status.conditions, "Failed")
+    assert failed is not None
+    assert "backoff limit reached after 1 restart(s)" in failed.message and "exit code 137" in failed.message
+    assert (
+        status.restarts == 1 and status.last_failure is not None and status.last_failure.pod_uid == "second"
+    )
+    assert status.completion_time == T3
+
+    # The operator then suspends the PyTorchJob to stop the pods: the job stays Failed.
+    stopped = compute_status(the_job, status, Observed(a_pytorchjob("Created", "Suspended")), T4)
+    assert stopped.phase is Phase.FAILED and stopped.conditions == status.conditions
+    assert stopped.completion_time == T3
+
+
+def test_a_failed_pod_seen_again_is_counted_once() -> None:
+    the_job = job_with_backoff(3)
+    dead = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1})
+    observed = Observed(a_pytorchjob("Created", "Running"), [dead])
+    status = compute_status(the_job, FineTuneJobStatus(), observed, T1)
+    for _ in range(3):
+        status = compute_status(the_job, status, observed, T2)
+    assert status.restarts == 1
+
+
+def test_two_pods_failing_together_are_two_restarts() -> None:
+    master = a_pod(uid="m", phase="Failed", terminated={**OOM, "finishedAt": T1})
+    worker = a_pod("demo-worker-0", "worker", "Failed", uid="w", terminated={**OOM, "finishedAt": T1})
+    status = compute_status(
+        job_with_backoff(3),
+        FineTuneJobStatus(),
+        Observed(a_pytorchjob("Created", "Running"), [master, worker]),
+        T1,
+    )
+    assert status.restarts == 2
+
+
+def test_a_pod_stopped_by_a_suspend_did_not_fail() -> None:
+    """SIGTERM on deletion: the trainer checkpoints and exits 143 after the delete was asked for."""
+    stopped = a_pod(uid="a", phase="Failed", terminated={"exitCode": 143, "finishedAt": T2}, deletion=T1)
+    status = compute_status(
+        job(), FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Suspended"), [stopped]), T2
+    )
+    assert status.restarts is None and status.last_failure is None
+
+
+def test_a_non_retryable_failure_is_kept_but_is_no_restart() -> None:
+    bad = a_pod(uid="a", phase="Failed", terminated={"exitCode": 1, "message": "InvalidDataset: no rows"})
+    status = compute_status(job(), FineTuneJobStatus(), failed_with(bad), T2)
+    assert status.restarts is None
+    assert status.last_failure is not None and status.last_failure.message == "InvalidDataset: no rows"
+
+
+def test_a_backoff_failure_after_the_pods_are_gone_names_the_last_failure() -> None:
+    the_job = job_with_backoff(1)
+    dead = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1})
+    status = compute_status(
+        the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), [dead]), T1
+    )
+    backoff = failed_with(
+        message="PyTorchJob demo has failed because it has reached the specified backoff limit"
+    )
+    status = compute_status(the_job, status, backoff, T2)
+    assert conditions_of(status)["Failed"] == ("True", Reason.OOM_KILLED)
+    assert "pod demo-master-0 failed with OOMKilled" in (status.message or "")
+    assert "backoff limit reached" in (status.message or "")
+
+
+def test_a_succeeded_job_whose_pytorchjob_was_removed_stays_succeeded() -> None:
+    """ttlSecondsAfterFinished deletes the PyTorchJob; the job must not look Pending (or be started again)."""
+    done = Observed(
+        a_pytorchjob("Created", "Succeeded", completion=T2),
+        [a_pod(phase="Succeeded", terminated={"exitCode": 0, "reason": "Completed"})],
+    )
+    status = compute_status(job(), FineTuneJobStatus(), done, T2)
+    later = compute_status(job(generation=2), status, Observed(), T3)
+    assert later.phase is Phase.SUCCEEDED and later.completion_time == T2
+    assert all(c.observed_generation == 2 for c in later.conditions)
+    assert [c.last_transition_time for c in later.conditions] == [
+        c.last_transition_time for c in status.conditions
+    ]
+
+
+# ----------------------------------------------------------------------------------- GPU seconds of pods
+
+
+def test_gpu_seconds_keep_the_time_of_pods_replaced_on_a_restart() -> None:
+    the_job = job_with_backoff(3)
+    first = a_pod(uid="first", gpus=8, phase="Failed", terminated={**OOM, "startedAt": T0, "finishedAt": T1})
+    status = compute_status(
+        the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), [first]), T1
+    )
+    assert status.gpu_seconds == 8 * 60
+
+    # The training operator deletes it and starts a new one; the watch hands over its final state.
+    second = a_pod(uid="second", gpus=8, running_since=T2)
+    status = compute_status(
+        the_job, status, Observed(a_pytorchjob("Created", "Running"), [second], deleted_pods=[first]), T2
+    )
+    assert status.gpu_seconds_of_deleted_pods == 8 * 60
+    assert status.gpu_seconds == 8 * 60
+
+    # A minute later, from the list alone: both pods' time.
+    status = compute_status(the_job, status, Observed(a_pytorchjob("Created", "Running"), [second]), T3)
+    assert status.gpu_seconds == 8 * 60 + 8 * 60
+    assert status.gpu_seconds_of_deleted_pods == 8 * 60
+
+
+def test_a_pod_deleted_while_running_counts_until_its_deletion() -> None:
+    running = a_pod(uid="a", gpus=2, running_since=T0, deletion=T1)
+    status = compute_status(
+        job(), FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Suspended"), deleted_pods=[running]), T3
+    )
+    assert status.gpu_seconds == status.gpu_seconds_of_deleted_pods == 2 * 60
+
+
+def test_gpu_seconds_never_go_down_when_a_pod_vanishes_unseen() -> None:
+    running = Observed(a_pytorchjob("Created", "Running"), [a_pod(gpus=1, running_since=T0)])
+    status = compute_status(job(), FineTuneJobStatus(), running, T2)
+    status = compute_status(job(), status, Observed(a_pytorchjob("Created", "Running")), T3)
+    assert status.gpu_seconds == 120

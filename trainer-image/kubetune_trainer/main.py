@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .termination import SpecError, fail
+from .termination import SpecError, fail, write_adapter_summary
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: a retryable exit code for the training operator
 
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_PREEMPTED
-    if result.manifest is not None:
+    if result.manifest is not None:  # global rank 0, after publishing
         print(f"published {result.manifest['uri']} (sha256 {result.manifest['sha256']})", flush=True)
+        write_adapter_summary(result.manifest)
         if report_dir := os.environ.get("KUBETUNE_REPORT_DIR"):  # set by `kubetune run`
             from .report import write_report
 

@@ -243,7 +243,8 @@ class Destination:
         with_retries(upload_and_check, f"uploading s3://{self.bucket}/{key}", self.policy)
         log.info("uploaded s3://%s/%s (%d bytes)", self.bucket, key, size)
 
-    def put_json(self, relative: str, document: Mapping[str, Any]) -> None:
+    def put_json(self, relative: str, document: Mapping[str, Any]) -> bytes:
+        """Write the document; return the bytes written (their sha256 is what a reader can check)."""
         body = (json.dumps(document, indent=2) + "\n").encode()
         if self.path is not None:
             target = self.path / relative
@@ -251,7 +252,7 @@ class Destination:
             partial = target.with_name(target.name + ".partial")
             partial.write_bytes(body)
             os.replace(partial, target)
-            return
+            return body
         key = self._key(relative)
         with_retries(
             lambda: self.client.put_object(
@@ -260,6 +261,7 @@ class Destination:
             f"writing s3://{self.bucket}/{key}",
             self.policy,
         )
+        return body
 
     def get_json(self, relative: str) -> Any:
         """The parsed document, or None when it does not exist."""
@@ -348,7 +350,8 @@ def publish(
     s3_client: S3Client | None = None,
     policy: RetryPolicy | None = None,
 ) -> dict[str, Any]:
-    """Publish every file under ``local_dir`` to ``destination_uri``, the manifest last; return the manifest.
+    """Publish every file under ``local_dir`` to ``destination_uri``, the manifest last; return the manifest
+    with ``uri`` and ``manifestSha256`` (of the manifest's bytes as published) added.
 
     An old manifest goes first, so that while files are being replaced no manifest
     vouches for a mix of old and new files.
@@ -357,7 +360,8 @@ def publish(
     destination = Destination(destination_uri, s3_client=s3_client, policy=policy)
     destination.delete(MANIFEST_NAME)
     files = upload_folder(local_dir, destination)
-    destination.put_json(MANIFEST_NAME, manifest)
+    published = destination.put_json(MANIFEST_NAME, manifest)
     manifest["uri"] = destination_uri
+    manifest["manifestSha256"] = hashlib.sha256(published).hexdigest()
     log.info("published %d files (%d bytes) to %s", len(files), manifest["sizeBytes"], destination_uri)
     return manifest

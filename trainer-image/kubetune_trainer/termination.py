@@ -3,15 +3,18 @@
 Kubernetes copies the termination log into the container status; the operator reads it
 back as the FineTuneJob's failure reason, so the line has the form ``Reason: message``
 (``Reason`` is a CamelCase word the controller can put in a condition as it is).
+On success, rank 0 writes a JSON summary of the published adapter there instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
@@ -109,14 +112,8 @@ def termination_log_path() -> Path:
     return Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
 
 
-def write_termination_message(reason: str, message: str, path: Path | None = None) -> str:
-    """Write the line to the termination log (and stderr); return it.
-
-    The first failure wins: every process of a pod shares the log, and the rank that failed
-    first holds the cause, while the others often fail after it only because it went away.
-    A missing or read-only log (a laptop has no /dev/termination-log) is not an error.
-    """
-    line = format_termination_message(reason, message)
+def _write_first(line: str, path: Path | None) -> None:
+    """Write the line unless the log already holds one; a missing or read-only log is not an error."""
     target = path or termination_log_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +122,17 @@ def write_termination_message(reason: str, message: str, path: Path | None = Non
                 log.write(line + "\n")
     except OSError:
         pass
+
+
+def write_termination_message(reason: str, message: str, path: Path | None = None) -> str:
+    """Write the line to the termination log (and stderr); return it.
+
+    The first failure wins: every process of a pod shares the log, and the rank that failed
+    first holds the cause, while the others often fail after it only because it went away.
+    A missing or read-only log (a laptop has no /dev/termination-log) is not an error.
+    """
+    line = format_termination_message(reason, message)
+    _write_first(line, path)
     print(line, file=sys.stderr, flush=True)
     return line
 
@@ -146,3 +154,44 @@ def fail(error: BaseException, path: Path | None = None) -> NoReturn:
     reason, code = reason_for(error)
     write_termination_message(reason, str(error) or type(error).__name__, path)
     sys.exit(code)
+
+
+def adapter_summary(manifest: Mapping[str, Any]) -> str | None:
+    """The published manifest in brief, as compact JSON of kubetune's ``AdapterStatus``.
+
+    ``uri``, ``files``, ``fileCount``, ``sizeBytes`` and ``sha256`` (of kubetune-manifest.json as
+    published). When the file list would take the message past what the kubelet keeps, it is left
+    out and ``fileCount`` says how many there are. None when not even that fits.
+    """
+    from pydantic import ValidationError
+
+    from kubetune.api.v1alpha1 import AdapterStatus
+
+    files = [str(entry["path"]) for entry in manifest["files"]]
+    for listed in (files, []):
+        try:
+            summary = AdapterStatus(
+                uri=str(manifest["uri"]),
+                files=listed,
+                file_count=len(files),
+                size_bytes=int(manifest["sizeBytes"]),
+                sha256=str(manifest["manifestSha256"]),
+            )
+        except ValidationError:
+            continue
+        text = json.dumps(summary.to_wire(), separators=(",", ":"))
+        if len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES:
+            return text
+    return None
+
+
+def write_adapter_summary(manifest: Mapping[str, Any], path: Path | None = None) -> str | None:
+    """Global rank 0, after publishing: the summary becomes the container's termination message.
+
+    The operator holds no storage credentials; it fills the FineTuneJob's status.adapter from this
+    message when the job succeeds.
+    """
+    summary = adapter_summary(manifest)
+    if summary is not None:
+        _write_first(summary, path)
+    return summary

@@ -24,6 +24,7 @@ from kubetune.controller.kube import (
     PYTORCHJOB_VERSION,
     Kube,
     Transition,
+    has_ended,
     new_api_client,
     transition_events,
     without_status,
@@ -89,7 +90,7 @@ def reconcile_job(body: kopf.Body, name: str, namespace: str | None, logger: kop
         job, errors = validate_manifest(without_status(dict(body)))
         if job is None:
             logger.warning(f"invalid spec: {'; '.join(str(e) for e in errors)}")
-        else:
+        elif not has_ended(body):
             kube().ensure_children(job)
         post_events(kube().refresh_status(namespace, name, logger=logger))
 
@@ -107,11 +108,23 @@ def pytorchjob_changed(labels: kopf.Labels, namespace: str | None, logger: kopf.
 
 
 @kopf.on.event("", "v1", "pods", labels=OURS)
-def pod_changed(labels: kopf.Labels, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """A pod started, ended or was disrupted: its termination message may explain a failure."""
+def pod_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    labels: kopf.Labels,
+    namespace: str | None,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """A pod started, ended, was disrupted or deleted: its termination message may explain a failure.
+
+    A deleted pod (the training operator replaces a failed one) is passed on in its final state, the
+    last word on how long it ran and why it failed.
+    """
     if job_name := _owner(labels):
+        deleted = dict(body) if event.get("type") == "DELETED" else None
         with metrics.reconcile("Pod"):
-            post_events(kube().refresh_status(namespace, job_name, logger=logger))
+            post_events(kube().refresh_status(namespace, job_name, logger=logger, deleted_pod=deleted))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -31,13 +31,15 @@ from kubetune.api.v1alpha1 import (
 from kubetune.api.validation import validate_manifest
 from kubetune.controller.conditions import find_condition, utc_now
 from kubetune.controller.config import OperatorConfig
+from kubetune.controller.pods import is_master, pod_uid
 from kubetune.controller.progress import parse_progress
 from kubetune.controller.status import (
-    REPLICA_INDEX_LABEL,
-    REPLICA_TYPE_LABEL,
+    TERMINAL_PHASES,
+    JobState,
     Observed,
     compute_status,
     invalid_status,
+    pytorchjob_state,
 )
 from kubetune.render import build_all
 from kubetune.render.labels import JOB_NAME, MANAGED_BY
@@ -78,6 +80,12 @@ def stored_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
         return FineTuneJobStatus()
 
 
+def has_ended(body: Mapping[str, Any]) -> bool:
+    """The job succeeded or failed: its children are left as they are (a PyTorchJob removed by its
+    ttlSecondsAfterFinished is not made again, one stopped at the backoff limit is not resumed)."""
+    return stored_status(body).phase in TERMINAL_PHASES
+
+
 def status_patch(new: FineTuneJobStatus, current: FineTuneJobStatus) -> Manifest:
     """A merge patch that turns `current` into `new`: fields gone from `new` are set to null."""
     wire = new.to_wire()
@@ -95,10 +103,25 @@ class Transition:
     after: FineTuneJobStatus
 
 
+def without_cost(status: FineTuneJobStatus) -> FineTuneJobStatus:
+    """The status without the GPU seconds of running pods, which grow every second."""
+    return status.model_copy(update={"gpu_seconds": None})
+
+
 def transition_events(change: Transition) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the events a status change deserves: phase changes and new stalls."""
+    """(type, reason, message) of the events a status change deserves: phase changes, restarts, new stalls."""
     before, after = change.before, change.after
     events: list[tuple[str, str, str]] = []
+    last = after.last_failure
+    if (after.restarts or 0) > (before.restarts or 0) and last is not None:
+        events.append(
+            (
+                "Warning",
+                last.reason,
+                f"pod {last.pod} failed ({last.reason}, exit code {last.exit_code}): {last.message or '-'}; "
+                f"restart {after.restarts} of spec.runPolicy.backoffLimit",
+            )
+        )
     stalled_before = find_condition(before.conditions, ConditionType.STALLED)
     stalled_after = find_condition(after.conditions, ConditionType.STALLED)
     if (
@@ -167,14 +190,23 @@ class Kube:
             raise
         return body
 
-    def observe(self, job: FineTuneJob) -> Observed:
-        """The PyTorchJob, its pods and which of their nodes stopped reporting."""
+    def observe(self, job: FineTuneJob, deleted_pod: Manifest | None = None) -> Observed:
+        """The PyTorchJob, its pods and which of their nodes stopped reporting.
+
+        `deleted_pod` is a pod a watch just reported deleted, in its final state: the list no longer has
+        it, and its final state holds how long it ran and why it failed.
+        """
         pytorchjob = self.read_pytorchjob(job.namespace, job.name)
+        gone = pod_uid(deleted_pod) if deleted_pod is not None else None
         pods = [
-            self.as_dict(pod)
-            for pod in self.core.list_namespaced_pod(
-                job.namespace, label_selector=children_selector(job.name)
-            ).items
+            pod
+            for pod in (
+                self.as_dict(item)
+                for item in self.core.list_namespaced_pod(
+                    job.namespace, label_selector=children_selector(job.name)
+                ).items
+            )
+            if pod_uid(pod) != gone
         ]
         nodes = {
             (pod.get("spec") or {}).get("nodeName")
@@ -182,7 +214,12 @@ class Kube:
             if (pod.get("status") or {}).get("phase") == "Running"
         }
         lost = frozenset(node for node in nodes if node and not self._node_ready(node))
-        return Observed(pytorchjob=pytorchjob, pods=pods, lost_nodes=lost)
+        return Observed(
+            pytorchjob=pytorchjob,
+            pods=pods,
+            lost_nodes=lost,
+            deleted_pods=(deleted_pod,) if deleted_pod is not None else (),
+        )
 
     def _node_ready(self, name: str) -> bool:
         try:
@@ -273,6 +310,11 @@ class Kube:
             patch({"metadata": {"ownerReferences": ours}})
         return existing
 
+    def stop_pytorchjob(self, job: FineTuneJob) -> None:
+        """Suspend the PyTorchJob of a job that ended Failed while its pods still run: the training
+        operator deletes them. The PyTorchJob stays, for `kubectl describe`."""
+        self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": True}}})
+
     def refresh_status(
         self,
         namespace: str | None,
@@ -280,12 +322,15 @@ class Kube:
         progress: Progress | None = None,
         tick: bool = False,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        deleted_pod: Manifest | None = None,
     ) -> Transition | None:
         """Recompute a job's status from its children and write it when it changed.
 
         The write carries the resourceVersion it was computed from; when someone wrote in between
         (another handler of the same job) the whole computation starts again from fresh reads.
         Outside a timer tick (`tick`), a change of gpuSeconds alone is not worth a write.
+        A job that ended Failed while its PyTorchJob still runs (its backoff limit) has the
+        PyTorchJob stopped, after the status that says why is written.
         """
         if namespace is None:  # FineTuneJobs are namespaced; kopf types it optional
             return None
@@ -297,13 +342,14 @@ class Kube:
             job, errors = validate_manifest(without_status(body))
             now = utc_now()
             generation = (body.get("metadata") or {}).get("generation")
+            observed = None
             if job is None:
                 new = invalid_status(current, generation, errors, now)
             else:
-                new = compute_status(job, current, self.observe(job), now, progress)
-            if new == current or (
-                not tick and new == current.model_copy(update={"gpu_seconds": new.gpu_seconds})
-            ):
+                observed = self.observe(job, deleted_pod)
+                new = compute_status(job, current, observed, now, progress)
+            if new == current or (not tick and without_cost(new) == without_cost(current)):
+                self._stop_if_failed(job, new, observed, logger)
                 return None
             patch = {
                 "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
@@ -325,8 +371,31 @@ class Kube:
                 raise
             if logger is not None and new.phase != current.phase:
                 logger.info(f"phase {current.phase} -> {new.phase}: {new.message}")
+            self._stop_if_failed(job, new, observed, logger)
             return Transition(body=body, before=current, after=new)
         raise kopf.TemporaryError("the status kept changing underneath; trying again", delay=1)
+
+    def _stop_if_failed(
+        self,
+        job: FineTuneJob | None,
+        status: FineTuneJobStatus,
+        observed: Observed | None,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None,
+    ) -> None:
+        if job is None or observed is None or status.phase is not Phase.FAILED:
+            return
+        if pytorchjob_state(observed.pytorchjob) not in (
+            JobState.CREATED,
+            JobState.RUNNING,
+            JobState.RESTARTING,
+        ):
+            return
+        run_policy = ((observed.pytorchjob or {}).get("spec") or {}).get("runPolicy") or {}
+        if run_policy.get("suspend") is True:
+            return
+        if logger is not None:
+            logger.info(f"stopping PyTorchJob {job.name}: {status.message}")
+        self.stop_pytorchjob(job)
 
     # ---------------------------------------------------------------------------------------- progress
 
@@ -336,11 +405,7 @@ class Kube:
             (
                 pod
                 for pod in observed.pods
-                if str(((pod.get("metadata") or {}).get("labels") or {}).get(REPLICA_TYPE_LABEL, "")).lower()
-                == "master"
-                and str(((pod.get("metadata") or {}).get("labels") or {}).get(REPLICA_INDEX_LABEL, "0"))
-                == "0"
-                and (pod.get("status") or {}).get("phase") == "Running"
+                if is_master(pod) and (pod.get("status") or {}).get("phase") == "Running"
             ),
             None,
         )

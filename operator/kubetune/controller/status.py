@@ -2,6 +2,11 @@
 
 Nothing here talks to the API server. The handlers read the PyTorchJob and the pods, call
 `compute_status`, and write the result only when it differs from what is stored.
+
+Pods do not last: the training operator deletes a failed pod to restart it, and with it the evidence of
+why it failed and how long it ran. So the status keeps what outlives them: `lastFailure`, `restarts`
+(also the count that enforces spec.runPolicy.backoffLimit, which the training operator does not apply
+to pods it recreates) and `gpuSecondsOfDeletedPods`.
 """
 
 from __future__ import annotations
@@ -17,20 +22,28 @@ from kubetune.api.v1alpha1 import (
     ConditionType,
     FineTuneJob,
     FineTuneJobStatus,
+    LastFailure,
     Phase,
     Progress,
     Reason,
 )
 from kubetune.api.validation import FieldError
+from kubetune.controller.adapter import reported_adapter
 from kubetune.controller.conditions import ConditionStatus, parse_time, set_condition
+from kubetune.controller.pods import (
+    REPLICA_TYPE_LABEL,
+    deletion_requested_at,
+    pod_name,
+    pod_uid,
+    trainer_status,
+)
 from kubetune.render.labels import pytorchjob_name
 from kubetune.render.pytorchjob import CONTAINER_NAME, SPEC_HASH_ANNOTATION, spec_hash
 
 Manifest = Mapping[str, Any]
 
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
-REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 MAX_MESSAGE = 4096
+TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED)
 
 
 class JobState(StrEnum):
@@ -53,6 +66,8 @@ class Observed:
     pods: Sequence[Manifest] = ()
     lost_nodes: frozenset[str] = field(default_factory=frozenset)
     """Nodes whose Ready condition is not True (a pod there is not really running)."""
+    deleted_pods: Sequence[Manifest] = ()
+    """Pods a watch reported deleted, in their final state: their GPU time is banked in the status."""
 
 
 @dataclass(frozen=True)
@@ -208,26 +223,161 @@ def _shorten(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
-def classify_failure(observed: Observed) -> Failure:
-    """Why a failed PyTorchJob failed, from the most specific evidence to the least."""
+# ------------------------------------------------------------------------------- failures across restarts
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    """One failed trainer pod, in the terms status.lastFailure keeps."""
+
+    pod: str
+    uid: str
+    reason: Reason
+    message: str
+    exit_code: int | None
+    time: str
+    retryable: bool
+    """Whether the training operator replaces the pod (restartPolicy ExitCode: exit codes 128 and up, or
+    no exit code at all, as for an evicted pod)."""
+
+    def key(self) -> tuple[str, str]:
+        """Failures are counted in this order, each once (RFC 3339 in UTC sorts as text)."""
+        return (self.time, self.uid)
+
+    def as_status(self) -> LastFailure:
+        return LastFailure(
+            reason=self.reason,
+            message=_shorten(self.message),
+            pod=self.pod,
+            pod_uid=self.uid or None,
+            exit_code=self.exit_code,
+            time=self.time,
+        )
+
+
+RETRYABLE_EXIT = 128
+
+
+def pod_failure(pod: Manifest, now: str) -> PodFailure | None:
+    """How the pod failed, or None when it did not (a pod stopped because it was deleted did not fail)."""
+    name, uid = pod_name(pod), pod_uid(pod)
+    container = trainer_status(pod) or {}
+    terminated = (container.get("state") or {}).get("terminated") or {}
+    exit_code = terminated.get("exitCode") if isinstance(terminated.get("exitCode"), int) else None
+    if disrupted := _disrupted(pod):
+        when = next(
+            (
+                str(c.get("lastTransitionTime"))
+                for c in (pod.get("status") or {}).get("conditions") or []
+                if c.get("type") == "DisruptionTarget" and c.get("lastTransitionTime")
+            ),
+            str(terminated.get("finishedAt") or now),
+        )
+        return PodFailure(name, uid, Reason.PREEMPTED, disrupted, exit_code, when, retryable=True)
+    if exit_code not in (0, None):
+        finished = str(terminated.get("finishedAt") or now)
+        deleted_at, finished_at = deletion_requested_at(pod), parse_time(finished)
+        if deleted_at is not None and finished_at is not None and finished_at >= deleted_at:
+            return None  # stopped by its deletion: a suspend, or the job's end
+        message = str(terminated.get("message") or "").strip()
+        reason = classify_termination(exit_code, str(terminated.get("reason") or ""), message)
+        detail = message or str(terminated.get("reason") or "")
+        retryable = exit_code is not None and exit_code >= RETRYABLE_EXIT
+        return PodFailure(name, uid, reason, detail, exit_code, finished, retryable)
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed" and exit_code is None and deletion_requested_at(pod) is None:
+        detail = str(status.get("message") or status.get("reason") or "the pod failed")
+        return PodFailure(name, uid, Reason.TRAINER_ERROR, detail, None, now, retryable=True)
+    return None
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """What status keeps of the failures seen so far, and whether the backoff limit ends the job now."""
+
+    restarts: int
+    last: LastFailure | None
+    backoff_exhausted: bool = False
+
+
+def record_failures(
+    current: FineTuneJobStatus, pods: Iterable[Manifest], backoff_limit: int, restartable: bool, now: str
+) -> FailureRecord:
+    """Count each new pod failure once, oldest first, against spec.runPolicy.backoffLimit.
+
+    A failure is new when it is later than status.lastFailure (by time, then pod UID), so a failed pod
+    seen again on the next reconcile is not counted twice. A retryable failure within the limit is a
+    restart; one past it exhausts the limit. The training operator (v1.9) counts restarts only from
+    container restart counts, which stay 0 for the pods it deletes and recreates under restartPolicy
+    ExitCode, so without this count an OOM-killed trainer would be restarted forever.
+    """
+    restarts, last = current.restarts or 0, current.last_failure
+    seen = (last.time or "", last.pod_uid or "") if last is not None else None
+    exhausted = False
+    failures = sorted((f for pod in pods if (f := pod_failure(pod, now)) is not None), key=PodFailure.key)
+    for failure in failures:
+        if seen is not None and failure.key() <= seen:
+            continue
+        if failure.retryable and restartable:
+            if restarts < backoff_limit:
+                restarts += 1
+            else:
+                exhausted = True
+        last, seen = failure.as_status(), failure.key()
+    return FailureRecord(restarts, last, exhausted)
+
+
+def _reason(text: str) -> Reason:
+    """A stored reason back as a Reason (a status edited by hand may hold anything)."""
+    try:
+        return Reason(text)
+    except ValueError:
+        return Reason.TRAINER_ERROR
+
+
+def describe_failure(last: LastFailure) -> str:
+    code = f", exit code {last.exit_code}" if last.exit_code is not None else ""
+    detail = f": {last.message}" if last.message else ""
+    return f"pod {last.pod} failed with {last.reason}{code}{detail}"
+
+
+def backoff_message(record: FailureRecord, backoff_limit: int) -> str:
+    assert record.last is not None
+    return _shorten(
+        f"{describe_failure(record.last)}; backoff limit reached after {record.restarts} restart(s) "
+        f"(spec.runPolicy.backoffLimit {backoff_limit})"
+    )
+
+
+def classify_failure(observed: Observed, last: LastFailure | None = None) -> Failure:
+    """Why a failed PyTorchJob failed, from the most specific evidence to the least.
+
+    Pods still there speak first; then `last`, the failure status kept from a pod already replaced; a bare
+    backoff-limit message from the training operator is the last resort.
+    """
     job_message = _condition_message(observed.pytorchjob, "Failed")
+    backoff = "backoff limit" in job_message.lower()
     if "deadline" in job_message.lower():
         return Failure(Reason.DEADLINE_EXCEEDED, job_message)
-    for pod in observed.pods:
+    pods = [*observed.pods, *observed.deleted_pods]
+    for pod in pods:
         if disrupted := _disrupted(pod):
             return Failure(Reason.PREEMPTED, disrupted)
     if lost := lost_pods(observed):
         return Failure(Reason.NODE_LOST, "; ".join(lost))
-    terminations = failed_terminations(observed.pods)
+    terminations = failed_terminations(pods)
     if terminations:
         first = terminations[0]
         reason = classify_termination(first.exit_code, first.reason, first.message)
         detail = first.message or first.reason or "no termination message"
         message = f"{detail} (pod {first.pod}, exit code {first.exit_code})"
-        if "backoff limit" in job_message.lower():
+        if backoff:
             message += "; backoff limit reached"
         return Failure(reason, _shorten(message))
-    if "backoff limit" in job_message.lower():
+    if last is not None:
+        suffix = "; backoff limit reached" if backoff else ""
+        return Failure(_reason(last.reason), _shorten(describe_failure(last) + suffix))
+    if backoff:
         return Failure(Reason.BACKOFF_LIMIT_EXCEEDED, job_message)
     return Failure(Reason.TRAINER_ERROR, job_message or "the PyTorchJob failed")
 
@@ -246,27 +396,29 @@ def _pod_gpus(pod: Manifest, resource_name: str) -> int:
     return total
 
 
+def pod_gpu_seconds(pod: Manifest, resource_name: str, now: str) -> float:
+    """GPUs x seconds the pod's trainer container has run; a pod being deleted stops counting then."""
+    gpus = _pod_gpus(pod, resource_name)
+    state = (trainer_status(pod) or {}).get("state") or {}
+    if not gpus:
+        return 0.0
+    if running := state.get("running"):
+        start, end = parse_time(running.get("startedAt")), parse_time(now)
+        deleted_at = deletion_requested_at(pod)
+        if end is not None and deleted_at is not None:
+            end = min(end, deleted_at)
+    elif terminated := state.get("terminated"):
+        start, end = parse_time(terminated.get("startedAt")), parse_time(terminated.get("finishedAt"))
+    else:
+        return 0.0
+    if start and end and end > start:
+        return gpus * (end - start).total_seconds()
+    return 0.0
+
+
 def gpu_seconds(pods: Iterable[Manifest], resource_name: str, now: str) -> float:
-    """GPUs x seconds the pods' trainer containers have run (current runs of the pods that still exist)."""
-    end_of_now = parse_time(now)
-    total = 0.0
-    for pod in pods:
-        gpus = _pod_gpus(pod, resource_name)
-        if not gpus:
-            continue
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            if container.get("name") != CONTAINER_NAME:
-                continue
-            state = container.get("state") or {}
-            if running := state.get("running"):
-                start, end = parse_time(running.get("startedAt")), end_of_now
-            elif terminated := state.get("terminated"):
-                start, end = parse_time(terminated.get("startedAt")), parse_time(terminated.get("finishedAt"))
-            else:
-                continue
-            if start and end and end > start:
-                total += gpus * (end - start).total_seconds()
-    return round(total, 1)
+    """GPUs x seconds the pods' trainer containers have run."""
+    return round(sum(pod_gpu_seconds(pod, resource_name, now) for pod in pods), 1)
 
 
 def _earliest_start(pods: Iterable[Manifest]) -> str | None:
@@ -299,8 +451,28 @@ def _summary(
     return Summary(phase, (ready, reason, text), (reconciling, reason, text), text)
 
 
-def _summarise(job: FineTuneJob, state: JobState, observed: Observed) -> tuple[Summary, Failure | None]:
+def _published(adapter: AdapterStatus | None, uri: str) -> str:
+    text = f"training finished; the adapter is published to {uri}"
+    if adapter is None or adapter.sha256 is None:
+        return text
+    return (
+        f"{text} ({adapter.file_count} files, {adapter.size_bytes} bytes; "
+        f"sha256 of kubetune-manifest.json {adapter.sha256})"
+    )
+
+
+def _summarise(
+    job: FineTuneJob,
+    state: JobState,
+    observed: Observed,
+    failures: FailureRecord,
+    adapter: AdapterStatus | None,
+) -> tuple[Summary, Failure | None]:
     nodes, gpus = job.spec.resources.nodes, job.spec.resources.gpus_per_node
+    if failures.backoff_exhausted and failures.last is not None:
+        limit = job.spec.run_policy.backoff_limit
+        failure = Failure(_reason(failures.last.reason), backoff_message(failures, limit))
+        return _summary(Phase.FAILED, "False", "False", failure.reason, failure.message), failure
     if state is JobState.ABSENT:
         return _summary(Phase.PENDING, "False", "True", Reason.CREATED, "creating the PyTorchJob"), None
     if state is JobState.CREATED:
@@ -310,14 +482,16 @@ def _summarise(job: FineTuneJob, state: JobState, observed: Observed) -> tuple[S
         text = "suspended: the pods are stopped; set spec.runPolicy.suspend to false to resume from the newest checkpoint"
         return _summary(Phase.SUSPENDED, "False", "False", Reason.SUSPENDED, text), None
     if state is JobState.SUCCEEDED:
-        text = f"training finished; the adapter is published to {job.spec.output.uri}"
+        text = _published(adapter, job.spec.output.uri)
         return _summary(Phase.SUCCEEDED, "True", "False", Reason.SUCCEEDED, text), None
     if state is JobState.FAILED:
-        failure = classify_failure(observed)
+        failure = classify_failure(observed, failures.last)
         return _summary(Phase.FAILED, "False", "False", failure.reason, failure.message), failure
     if state is JobState.RESTARTING:
         text = _condition_message(observed.pytorchjob, "Restarting") or "restarting failed pods"
-        return _summary(Phase.RUNNING, "False", "True", Reason.RESTARTING, text), None
+        if failures.last is not None:
+            text = f"{text} ({describe_failure(failures.last)})"
+        return _summary(Phase.RUNNING, "False", "True", Reason.RESTARTING, _shorten(text)), None
     if lost := lost_pods(observed):
         text = "; ".join(lost) + ": waiting for the pods to be evicted and recreated elsewhere"
         return _summary(Phase.RUNNING, "False", "True", Reason.NODE_LOST, text), None
@@ -339,6 +513,12 @@ def spec_changed_message(job: FineTuneJob, pytorchjob: Manifest | None) -> str |
     )
 
 
+def has_ended(current: FineTuneJobStatus, state: JobState) -> bool:
+    """The job ended earlier and its PyTorchJob no longer says so: it was stopped by the operator (backoff
+    limit) or removed (ttlSecondsAfterFinished). An ended job stays ended."""
+    return current.phase in TERMINAL_PHASES and state not in (JobState.SUCCEEDED, JobState.FAILED)
+
+
 def compute_status(
     job: FineTuneJob,
     current: FineTuneJobStatus,
@@ -349,55 +529,84 @@ def compute_status(
     """The status a job should have now. `progress` replaces the stored progress when given."""
     generation = job.metadata.generation
     state = pytorchjob_state(observed.pytorchjob)
-    summary, failure = _summarise(job, state, observed)
+    ended = has_ended(current, state)
+    gone = {pod_uid(pod) for pod in observed.deleted_pods}
+    live = [pod for pod in observed.pods if pod_uid(pod) not in gone]
+    every_pod = [*live, *observed.deleted_pods]
+    restartable = not ended and state in (JobState.CREATED, JobState.RUNNING, JobState.RESTARTING)
+    failures = record_failures(current, every_pod, job.spec.run_policy.backoff_limit, restartable, now)
+
+    adapter = current.adapter
+    succeeded = state is JobState.SUCCEEDED or (ended and current.phase is Phase.SUCCEEDED)
+    if succeeded:
+        adapter = (
+            reported_adapter(every_pod, job.spec.output.uri)
+            or adapter
+            or AdapterStatus(uri=job.spec.output.uri)
+        )
+
     conditions = list(current.conditions)
 
-    def put(kind: ConditionType, values: tuple[ConditionStatus, Reason | str, str]) -> None:
+    def put(kind: ConditionType | str, values: tuple[ConditionStatus, Reason | str, str]) -> None:
         nonlocal conditions
         status, reason, message = values
         conditions = set_condition(conditions, kind, status, str(reason), message, generation, now)
 
-    put(ConditionType.READY, summary.ready)
-    put(ConditionType.RECONCILING, summary.reconciling)
-    if changed := spec_changed_message(job, observed.pytorchjob):
-        put(ConditionType.STALLED, ("True", Reason.SPEC_CHANGED, changed))
+    if ended:
+        # Nothing moves any more; the conditions only take the current generation (kstatus readers
+        # judge a status by it).
+        for condition in current.conditions:
+            put(condition.type, (condition.status, condition.reason, condition.message))
+        phase, message = current.phase, current.message
     else:
-        put(ConditionType.STALLED, ("False", summary.ready[1], ""))
-    succeeded = state is JobState.SUCCEEDED
-    put(
-        ConditionType.SUCCEEDED,
-        ("True" if succeeded else "False", summary.ready[1], summary.message if succeeded else ""),
-    )
-    put(
-        ConditionType.FAILED,
-        ("True", failure.reason, failure.message) if failure else ("False", summary.ready[1], ""),
-    )
+        summary, failure = _summarise(job, state, observed, failures, adapter)
+        put(ConditionType.READY, summary.ready)
+        put(ConditionType.RECONCILING, summary.reconciling)
+        if changed := spec_changed_message(job, observed.pytorchjob):
+            put(ConditionType.STALLED, ("True", Reason.SPEC_CHANGED, changed))
+        else:
+            put(ConditionType.STALLED, ("False", summary.ready[1], ""))
+        done = summary.phase is Phase.SUCCEEDED
+        put(
+            ConditionType.SUCCEEDED,
+            ("True" if done else "False", summary.ready[1], summary.message if done else ""),
+        )
+        put(
+            ConditionType.FAILED,
+            ("True", failure.reason, failure.message) if failure else ("False", summary.ready[1], ""),
+        )
+        phase, message = summary.phase, summary.message
 
-    terminal = summary.phase in (Phase.SUCCEEDED, Phase.FAILED)
+    terminal = phase in TERMINAL_PHASES
     start_time = current.start_time
-    if start_time is None and summary.phase in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
-        start_time = _earliest_start(observed.pods) or (now if summary.phase is Phase.RUNNING else None)
+    if start_time is None and phase in (Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED):
+        start_time = _earliest_start(every_pod) or (now if phase is Phase.RUNNING else None)
     completion_time = current.completion_time
     if terminal and completion_time is None:
         completion_time = str(((observed.pytorchjob or {}).get("status") or {}).get("completionTime") or now)
+        if failures.backoff_exhausted:
+            completion_time = now  # the PyTorchJob never completes: the operator stops it
     if not terminal:
         completion_time = None
-    cost = gpu_seconds(observed.pods, job.spec.resources.gpu_resource_name, now)
-    adapter = current.adapter
-    if succeeded and adapter is None:
-        adapter = AdapterStatus(uri=job.spec.output.uri)
+
+    resource = job.spec.resources.gpu_resource_name
+    banked = (current.gpu_seconds_of_deleted_pods or 0.0) + gpu_seconds(observed.deleted_pods, resource, now)
+    cost = max(round(banked + gpu_seconds(live, resource, now), 1), current.gpu_seconds or 0.0)
     return current.model_copy(
         update={
-            "phase": summary.phase,
+            "phase": phase,
             "observed_generation": generation,
             "conditions": conditions,
             "pytorch_job": pytorchjob_name(job) if observed.pytorchjob is not None else current.pytorch_job,
             "progress": progress if progress is not None else current.progress,
             "adapter": adapter,
-            "gpu_seconds": max(cost, current.gpu_seconds or 0.0) if (cost or current.gpu_seconds) else None,
+            "gpu_seconds": cost or None,
+            "gpu_seconds_of_deleted_pods": round(banked, 1) or None,
+            "restarts": failures.restarts or None,
+            "last_failure": failures.last,
             "start_time": start_time,
             "completion_time": completion_time,
-            "message": summary.message,
+            "message": message,
         }
     )
 

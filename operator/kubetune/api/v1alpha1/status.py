@@ -92,17 +92,44 @@ class Progress(ApiModel):
     """When these numbers were read (RFC 3339)."""
 
 
-class AdapterStatus(ApiModel):
-    """The published result, read from its kubetune-manifest.json."""
+SHA256_HEX = r"^[0-9a-f]{64}$"
+MAX_ADAPTER_FILES = 10_000
 
-    uri: str | None = None
+
+class AdapterStatus(ApiModel):
+    """The published result, as the trainer's rank 0 reported it in its termination message.
+
+    The same model is the wire format of that message (compact JSON): the trainer writes it and
+    the operator reads it back strictly, so the two cannot drift apart.
+    """
+
+    uri: Annotated[str, Field(max_length=2048)] | None = None
     """Folder the adapter was published to."""
-    files: Annotated[list[str], Field(max_length=10_000)] = []
-    """Files of the adapter."""
-    size_bytes: int | None = None
-    """Total size."""
-    sha256: str | None = None
-    """Checksum of the manifest, which lists every file's sha256."""
+    files: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=MAX_ADAPTER_FILES)] = []
+    """Files of the adapter, relative to uri; empty when the list did not fit in the trainer's termination message (fileCount still counts them, kubetune-manifest.json lists them all)."""
+    file_count: Annotated[int, Field(ge=0)] | None = None
+    """How many files the adapter has (kubetune-manifest.json not counted)."""
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Total size of the files."""
+    sha256: Annotated[str, Field(pattern=SHA256_HEX)] | None = None
+    """sha256 of kubetune-manifest.json as published (`sha256sum kubetune-manifest.json`); the manifest lists every file with its size and sha256."""
+
+
+class LastFailure(ApiModel):
+    """One failure of a trainer pod as the operator saw it, kept after the pod is gone."""
+
+    reason: Annotated[str, Field(max_length=1024)]
+    """Why it failed: OOMKilled, NCCLTimeout, Preempted, TrainerError..."""
+    message: Annotated[str, Field(max_length=4096)] = ""
+    """The trainer's termination message (or the pod's, when it was evicted)."""
+    pod: Annotated[str, Field(max_length=253)]
+    """The pod that failed."""
+    pod_uid: Annotated[str, Field(max_length=128)] | None = None
+    """Its UID: pods replaced on a restart keep their name but not their UID."""
+    exit_code: int | None = None
+    """Exit code of the trainer container (137: killed, usually by the out-of-memory killer)."""
+    time: str | None = None
+    """When it failed (RFC 3339)."""
 
 
 class FineTuneJobStatus(ApiModel):
@@ -127,7 +154,13 @@ class FineTuneJobStatus(ApiModel):
     adapter: AdapterStatus | None = None
     """The published adapter."""
     gpu_seconds: float | None = None
-    """GPUs x seconds of running pods so far: what the job cost."""
+    """GPUs x seconds of the trainer pods so far, those replaced on restarts included: what the job cost."""
+    gpu_seconds_of_deleted_pods: float | None = None
+    """The part of gpuSeconds spent by pods that no longer exist (replaced after a failure, stopped by a suspend)."""
+    restarts: Annotated[int, Field(ge=0)] | None = None
+    """How many times a failed trainer pod was replaced; spec.runPolicy.backoffLimit caps it."""
+    last_failure: LastFailure | None = None
+    """The newest failure of a trainer pod, kept after the pod is gone."""
     start_time: str | None = None
     """When the first pod started running."""
     completion_time: str | None = None
