@@ -192,7 +192,8 @@ def test_suspending_does_not_change_the_spec_hash() -> None:
 
 def test_trainer_command_lets_torchrun_read_the_operator_env() -> None:
     container = _pod(build_pytorchjob(a_job().on(nodes=2, gpus=4).build(), CONFIG))["containers"][0]
-    assert container["command"][0] == "torchrun"
+    # torchrun through the launcher that turns a retryable failure into a retryable exit code
+    assert container["command"][:3] == ["python", "-m", "kubetune_trainer.launch"]
     assert "--master_addr=$(MASTER_ADDR)" in container["command"]
     assert container["command"][-2:] == ["-m", "kubetune_trainer"]
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in container["ports"]

@@ -20,9 +20,21 @@ TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 # The kubelet keeps at most 4096 bytes of a termination message.
 MAX_MESSAGE_BYTES = 4096
-# Exit codes: 1 for errors the user can fix in the spec or the data, 2 for the rest.
+# Exit codes: 1 for errors the user can fix in the spec or the data, 2 for the rest. Both are below 128,
+# so the PyTorchJob (restartPolicy ExitCode) fails at once instead of restarting the pod.
 EXIT_USER_ERROR = 1
 EXIT_INTERNAL_ERROR = 2
+# A collective failed because another rank went away (its pod was killed or its node lost). Retryable
+# (128 and up), and above 128 + 64 so it never reads as a signal: the pod is re-created, meets the
+# replacement of the lost one and resumes from the checkpoint.
+EXIT_PEER_LOST = 200
+
+# How gloo and NCCL say that the other end of a collective is gone.
+_PEER_LOST = re.compile(
+    r"Connection (reset|closed) by (remote )?peer|Broken pipe|gloo/transport/|"
+    r"NCCL communicator was aborted|remote process exited",
+    re.IGNORECASE,
+)
 
 _SECRET_ENV_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "AWS_ACCESS_KEY_ID")
 
@@ -146,7 +158,19 @@ def reason_for(error: BaseException) -> tuple[str, int]:
     name = type(error).__name__
     if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return "OutOfMemory", EXIT_INTERNAL_ERROR
+    if is_peer_lost(error):
+        return "PeerLost", EXIT_PEER_LOST
     return name, EXIT_INTERNAL_ERROR
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """True when a collective or the store failed because another rank or node went away.
+
+    torch raises the network and store errors as ``DistNetworkError`` / ``DistStoreError``; gloo's lost
+    connections arrive as a plain RuntimeError, recognised by their message (checked without importing torch).
+    """
+    kinds = {cls.__name__ for cls in type(error).__mro__}
+    return bool(kinds & {"DistNetworkError", "DistStoreError"}) or bool(_PEER_LOST.search(str(error)))
 
 
 def fail(error: BaseException, path: Path | None = None) -> NoReturn:

@@ -81,9 +81,14 @@ def build_spec_configmap(job: FineTuneJob) -> Manifest:
 
 
 def trainer_command() -> list[str]:
-    """torchrun reads PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK from the training operator's env."""
+    """torchrun, through the trainer's launcher, which takes torchrun's arguments and exits with the code of
+    the root cause (torchrun itself exits 1 for any failure, which restartPolicy ExitCode treats as permanent:
+    see docs/architecture.md). torchrun reads PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK from the
+    training operator's env."""
     return [
-        "torchrun",
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
         "--master_addr=$(MASTER_ADDR)",
         "--master_port=$(MASTER_PORT)",
         "-m",
@@ -199,7 +204,7 @@ def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
 def _replica(count: int, template: Manifest) -> Manifest:
     # Each replica gets its own copy: a shared dict would alias Master and Worker in YAML and in patches.
     # ExitCode: exit codes 1-127 (bad config, a bug) fail at once; 128+ (OOM-kill, SIGTERM on
-    # preemption) restart the pod, which resumes from its newest checkpoint.
+    # preemption, a lost peer node) restart the pod, which resumes from its newest checkpoint.
     return {"replicas": count, "restartPolicy": "ExitCode", "template": copy.deepcopy(template)}
 
 
