@@ -42,32 +42,42 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 180)
         time.sleep(0.2)
 
 
-def test_sigterm_checkpoints_and_the_restarted_trainer_resumes_from_that_step(
-    tiny_llama_dir: Path, data_dir: Path, tmp_path: Path
-) -> None:
-    output = tmp_path / "out"
+def a_lora_spec(model: Path, data: Path, output: Path, steps: int, spec_file: Path) -> Path:
+    """A LoRA job of `steps` steps with a checkpoint every 10, the newest two kept; written to `spec_file`."""
     manifest = cpu_job(
-        tiny_llama_dir,
-        data_dir / "alpaca.jsonl",
+        model,
+        data,
         output,
-        training={"maxSteps": STEPS, "learningRate": 1e-3, "logEverySteps": 50},
+        training={"maxSteps": steps, "learningRate": 1e-3, "logEverySteps": 50},
         checkpoint={"everySteps": 10, "keep": 2},
         method={
             "type": "lora",
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
         },
     ).as_manifest()
-    spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(manifest))
+    return spec_file
+
+
+def complete_checkpoints(checkpoints: Path) -> list[int]:
+    """Steps of the checkpoints marked complete, oldest first."""
+    return sorted(
+        int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")
+    )
+
+
+def test_sigterm_checkpoints_and_the_restarted_trainer_resumes_from_that_step(
+    tiny_llama_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    spec_file = a_lora_spec(tiny_llama_dir, data_dir / "alpaca.jsonl", output, STEPS, tmp_path / "spec.json")
     checkpoints = output / "checkpoints"
 
     first = start_trainer(spec_file, tmp_path / "pod-1", tmp_path / "pod-1.log")
     wait_for(checkpoints / "checkpoint-10" / "kubetune-checkpoint.json", first)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 143, (tmp_path / "pod-1.log").read_text()[-3000:]
-    steps = sorted(
-        int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")
-    )
+    steps = complete_checkpoints(checkpoints)
     stopped_at = steps[-1]
     assert 10 <= stopped_at < STEPS and len(steps) <= 2  # keep: 2
     assert not (output / "kubetune-manifest.json").exists()  # nothing published by a preempted run
@@ -89,29 +99,14 @@ def test_sigkill_after_a_checkpoint_and_the_restarted_trainer_resumes_from_that_
     complete is where the next pod starts, and a folder a kill left half uploaded is passed over."""
     steps = 40
     output = tmp_path / "out"
-    manifest = cpu_job(
-        tiny_llama_dir,
-        data_dir / "alpaca.jsonl",
-        output,
-        training={"maxSteps": steps, "learningRate": 1e-3, "logEverySteps": 50},
-        checkpoint={"everySteps": 10, "keep": 2},
-        method={
-            "type": "lora",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
-        },
-    ).as_manifest()
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(manifest))
+    spec_file = a_lora_spec(tiny_llama_dir, data_dir / "alpaca.jsonl", output, steps, tmp_path / "spec.json")
     checkpoints = output / "checkpoints"
 
     first = start_trainer(spec_file, tmp_path / "pod-1", tmp_path / "pod-1.log")
     wait_for(checkpoints / "checkpoint-10" / "kubetune-checkpoint.json", first)
     first.send_signal(signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL
-    complete = sorted(
-        int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/kubetune-checkpoint.json")
-    )
-    killed_at = complete[-1]
+    killed_at = complete_checkpoints(checkpoints)[-1]
     assert 10 <= killed_at < steps, (tmp_path / "pod-1.log").read_text()[-3000:]
     # What a kill in the middle of an upload leaves: a newer folder with part of its files and no marker.
     partial = checkpoints / f"checkpoint-{steps - 1}"
