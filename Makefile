@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SYSTEM_COMMANDS := prometheus promtool lua5.4 lua5.1
 SYSTEM_PACKAGES := prometheus lua5.4 lua5.1
 
-.PHONY: help install system-deps tools test test-fast lint generate demo clean
+.PHONY: help install system-deps tools test test-fast lint generate demo bench clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,15 @@ test-fast:  ## The same without the slowest tier (multi-process training, end to
 
 demo: install  ## The main job: a LoRA fine-tune of a tiny model on this machine.
 	$(BIN)/kubetune run -f examples/quickstart.yaml
+
+# Extra arguments for every benchmark, e.g. `make bench BENCH_ARGS=--quick` for a smoke run.
+BENCH_ARGS ?=
+
+bench: install tools  ## Run every benchmark (docs/benchmarks/*.json and plots), then write docs/benchmarks.md.
+	$(BIN)/python -m bench.operator_scale $(BENCH_ARGS)
+	$(BIN)/python -m bench.trainer_throughput $(BENCH_ARGS)
+	$(BIN)/python -m bench.gpu_throughput $(BENCH_ARGS)
+	$(BIN)/python -m bench.report
 
 clean:  ## Remove the virtual environment and local outputs (caches under ~/.cache/kubetune stay).
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
