@@ -32,6 +32,21 @@ def plot_path(name: str, what: str) -> Path:
     return RESULTS_DIR / f"{name}-{what}.png"
 
 
+def save_figure(figure: Any, name: str, what: str) -> str:
+    """Lays out a matplotlib figure and writes it as docs/benchmarks/<name>-<what>.png; returns the file name.
+
+    One resolution for every plot of the page; the figure is closed, so a long run does not keep them all.
+    """
+    import matplotlib.pyplot as plt
+
+    path = plot_path(name, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
+
+
 def write_results(name: str, results: dict[str, Any]) -> Path:
     """docs/benchmarks/<name>.json, stable key order so that a rerun diffs readably."""
     path = results_path(name)

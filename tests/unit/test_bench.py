@@ -1,0 +1,189 @@
+"""The pure parts of `make bench`: percentiles, how the operator benchmark reads the audit log and a profile,
+and docs/benchmarks.md rendered from results on disk (tests/data/bench holds a small operator_scale run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench.common import markdown_table, percentile, summarize
+from bench.operator_scale import (
+    OPERATOR_USER,
+    PEER_USER,
+    Request,
+    Window,
+    attribute_writes,
+    owning_job,
+    patched_fields,
+    peer_writes,
+    summarize_profile,
+)
+from bench.report import anchor, build_report
+
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "bench" / "operator_scale.json"
+
+
+# ------------------------------------------------------------------------------------------- percentiles
+
+
+def test_percentiles_interpolate_between_ranks_like_numpy() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_a_percentile_of_nothing_or_out_of_range_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_a_summary_says_how_many_and_leaves_an_empty_sample_blank() -> None:
+    summary = summarize([0.1, 0.2, 0.3, 10.0])
+    assert summary["count"] == 4
+    assert summary["max"] == 10.0
+    assert summary["p50"] == 0.25
+    assert summarize([]) == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+
+
+def test_markdown_tables_escape_pipes_and_show_missing_values_as_dashes() -> None:
+    table = markdown_table(["a", "b"], [["x|y", None]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | — |"]
+
+
+# ------------------------------------------------------------------------------------------ audit log
+
+
+def request(at: float, verb: str, resource: str, name: str, **kwargs: Any) -> Request:
+    return Request(
+        at=at,
+        user=kwargs.get("user", OPERATOR_USER),
+        verb=verb,
+        resource=resource,
+        subresource=kwargs.get("subresource", ""),
+        name=name,
+        code=kwargs.get("code", 200),
+        body=kwargs.get("body", {}),
+    )
+
+
+def test_each_request_is_put_down_to_the_job_it_was_about() -> None:
+    jobs = {"ft-00001", "ft-00002"}
+    assert owning_job(request(0, "create", "configmaps", "ft-00001-spec"), jobs) == "ft-00001"
+    assert owning_job(request(0, "create", "pods", "ft-00002-master-0"), jobs) == "ft-00002"
+    event = request(0, "create", "events", "", body={"involvedObject": {"name": "ft-00002"}})
+    assert owning_job(event, jobs) == "ft-00002"
+    assert owning_job(request(0, "create", "events", "ft-00001-master-0.18a2b"), jobs) == "ft-00001"
+    assert owning_job(request(0, "get", "nodes", "kwok-gpu-node-0"), jobs) is None
+
+
+def test_a_patch_is_described_by_the_fields_it_touches() -> None:
+    json_patch = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["kubetune.io/finalizer"]},
+    ]
+    assert patched_fields(json_patch) == ["/metadata/finalizers"]
+    assert patched_fields({"metadata": {"resourceVersion": "7", "annotations": {}}, "spec": {}}) == [
+        "/metadata/annotations",
+        "/spec",
+    ]
+    assert (
+        request(0, "patch", "finetunejobs", "j", body=json_patch).kind
+        == "patch finetunejobs [/metadata/finalizers]"
+    )
+
+
+def test_writes_split_at_the_patch_that_makes_the_job_running() -> None:
+    """Before the Running patch: create; from it until the steady window: status change; then resync, restart."""
+    running = {"status": {"phase": "Running"}}
+    requests = [
+        request(1, "patch", "finetunejobs", "a", body=[{"op": "add", "path": "/metadata/finalizers"}]),
+        request(2, "create", "configmaps", "a-spec", code=201),
+        request(3, "create", "pytorchjobs", "a", code=201),
+        request(4, "patch", "finetunejobs", "a", subresource="status", code=409, body=running),
+        request(5, "patch", "finetunejobs", "a", subresource="status", body={"status": {"phase": "Pending"}}),
+        request(6, "patch", "finetunejobs", "a", subresource="status", body=running),
+        request(7, "create", "events", "", code=201, body={"involvedObject": {"name": "a"}}),
+        request(11, "patch", "finetunejobs", "a", subresource="status", body=running),
+        request(21, "create", "pytorchjobs", "a", code=409),
+        request(3, "get", "pytorchjobs", "a"),  # reads are not writes
+        request(3, "create", "pods", "a-master-0", user=PEER_USER, code=201),  # nor the peer's writes ours
+    ]
+    writes = attribute_writes(requests, ["a"], steady=Window(10, 20), restart=Window(20, 30))
+    assert writes["create"]["perJob"] == 5, "a refused Running patch does not end the create phase"
+    assert writes["create"]["refusedPerJob"] == 1
+    assert writes["statusChange"]["byKind"] == {"patch finetunejobs/status": 1, "create events": 1}
+    assert writes["resync"]["perJob"] == 1
+    assert writes["restart"] == {
+        "perJob": 1,
+        "refusedPerJob": 1,
+        "total": 1,
+        "byKind": {"create pytorchjobs": 1},
+    }
+    assert peer_writes(requests, ["a"], Window(0, 10))["perJob"] == 1
+
+
+def test_a_profile_is_summed_by_category_and_by_our_functions(tmp_path: Path) -> None:
+    stacks = tmp_path / "raw.txt"
+    stacks.write_text(
+        "main (kubetune/cli.py:1);refresh_status (/x/operator/kubetune/controller/kube.py:290);"
+        "model_validate (/x/site-packages/pydantic/main.py:10) 3\n"
+        "main (kubetune/cli.py:1);refresh_status (/x/operator/kubetune/controller/kube.py:291);"
+        "loads (/usr/lib/python3.11/json/__init__.py:5) 1\n"
+    )
+    profile = summarize_profile(stacks)
+    assert profile["samples"] == 4
+    assert profile["categories"][0] == ["pydantic validation", 75.0]
+    assert ["refresh_status (kubetune/controller/kube.py)", 100.0] in profile["ourFunctionsInclusive"]
+    assert not any("cli.py" in name for name, _ in profile["ourFunctionsInclusive"]), (
+        "entry points say nothing"
+    )
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def test_the_report_renders_the_operator_section_and_names_what_was_not_measured(tmp_path: Path) -> None:
+    shutil.copy(FIXTURE, tmp_path / "operator_scale.json")
+    page = build_report(tmp_path)
+    assert page.startswith("# Benchmarks\n")
+    assert "## Operator at fleet scale" in page
+    assert "(#operator-at-fleet-scale)" in page, "the machine table links to the section"
+    assert "`python -m bench.operator_scale --quick`" in page
+    not_measured = page.split("**Not measured**", 1)[1].split("## ", 1)[0]
+    assert "bench.trainer_throughput" in not_measured and "bench.gpu_throughput" in not_measured
+    assert "bench.operator_scale" not in not_measured
+    results = json.loads(FIXTURE.read_text())
+    hop_p99 = results["scales"][-1]["operator"]["latency"]["createToPyTorchJob"]["p99"]
+    target_row = next(line for line in page.splitlines() if line.startswith("| our hop p99 at"))
+    assert f"{hop_p99:.3g} s" in target_row
+    assert ("**missed**" in target_row) == (hop_p99 > 0.5)
+    assert "### What limits it" in page
+
+
+def test_sections_come_in_a_fixed_order_whatever_the_files(tmp_path: Path) -> None:
+    for name in ("gpu_throughput", "operator_scale"):
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"machine": {"command": f"python -m bench.{name}"}})
+        )
+
+    def stub(name: str) -> Any:
+        if name == "gpu_throughput":
+            return None  # results present, but no renderer
+        return lambda results: f"## Section {name}\n\nrendered"
+
+    page = build_report(tmp_path, renderers=stub)
+    assert page.index("## Section operator_scale") < page.index("## Trainer throughput on a GPU")
+    assert "has no `render_markdown`" in page
+    assert "bench.trainer_throughput" in page.split("**Not measured**", 1)[1]
+
+
+def test_anchors_follow_github() -> None:
+    assert anchor("Operator at fleet scale") == "operator-at-fleet-scale"
+    assert anchor("Trainer throughput (CPU)") == "trainer-throughput-cpu"
