@@ -63,6 +63,12 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    if SETTINGS.namespaces:
+        # Namespaced mode: the chart grants no cluster-wide list of namespaces, and kopf's scan for them
+        # retries that forbidden call for about a minute before it watches the named namespaces (at every
+        # start and leader change). The names are exact, so nothing needs scanning; the cost is that a CRD
+        # installed after the operator started is seen at its next restart.
+        settings.scanning.disabled = True
     _kube = Kube(api_client=new_api_client(), settings=SETTINGS)
     if SETTINGS.metrics_port:
         start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
