@@ -151,6 +151,54 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+# Parts of the Trainer's loop, by a frame below `_run_epoch` (checked in this order).
+LOOP_PARTS = (
+    ("backward", "Accelerator.backward"),
+    ("forward and loss", ".compute_loss"),
+    ("optimizer step", "Optimizer.step"),
+    ("next batch (data, collate)", ".get_batch_samples"),
+    ("gradient clipping", "._clip_grad_norm"),
+    ("callbacks", "CallbackHandler."),
+    ("logging and saving", "._maybe_log_save_evaluate"),
+    ("token counting", "._track_num_input_tokens"),
+)
+
+
+def loop_profile(raw: str) -> dict[str, Any]:
+    """py-spy's raw stacks of a run -> the share of the training loop's samples in each part of it."""
+    parts = dict.fromkeys([name for name, _ in LOOP_PARTS] + ["other"], 0)
+    process = loop = 0
+    for line in raw.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        process += int(number)
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        start = next((i for i, name in enumerate(frames) if name.endswith("._run_epoch")), None)
+        if start is None:
+            continue
+        loop += int(number)
+        below = ";".join(frames[start + 1 :])
+        part = next((name for name, needle in LOOP_PARTS if needle in below), "other")
+        parts[part] += int(number)
+    return {
+        "processSamples": process,
+        "loopSamples": loop,
+        "parts": {name: round(count / loop, 4) if loop else 0.0 for name, count in parts.items()},
+    }
+
+
+def profile(plan: RunPlan, kinds: Sequence[str], workdir: Path) -> dict[str, Any]:
+    """One run of each kind under py-spy (100 Hz); these runs are not timed."""
+    found = {}
+    for kind in kinds:
+        log(f"profiling {kind} (load {_load():.2f})")
+        raw = workdir / f"profile-{kind}.txt"
+        measure(kind, plan, workdir / f"profile-{kind}", profile_to=raw)
+        found[kind] = loop_profile(raw.read_text())
+    return found
+
+
 # ------------------------------------------------------------------------------------------ summarizing
 
 
@@ -166,6 +214,8 @@ def dataset_summary(lengths: Sequence[int], max_seq_length: int, batch_size: int
         "maxTokens": max(cut),
         "truncatedShare": round(sum(n > max_seq_length for n in lengths) / len(lengths), 4),
         "paddingEfficiency": round(efficiency, 4),
+        # What padding each batch to a multiple of 8 (tensor-core friendly) adds over padding to its longest row.
+        "multipleOf8Overhead": round(padding_efficiency(cut, batch_size, multiple=1) / efficiency - 1, 4),
         "packingBound": round(1 / efficiency, 2),
     }
 
@@ -484,9 +534,32 @@ def render_markdown(results: dict[str, Any]) -> str:
                 ],
                 packing_rows,
             ),
+            profile_markdown(results),
             images + "\n" if images else "",
             "Machine:\n",
             machine_markdown(results["machine"]),
+        ]
+    )
+
+
+def profile_markdown(results: dict[str, Any]) -> str:
+    """Where the training loop's time goes, by py-spy, for kubetune and the best baseline."""
+    profiles = results.get("profile")
+    if not profiles:
+        return ""
+    kinds = list(profiles)
+    parts = list(next(iter(profiles.values()))["parts"])
+    rows = [[part, *(f"{profiles[k]['parts'][part]:.1%}" for k in kinds)] for part in parts]
+    rows.append(["samples in the loop (of the process)", *(
+        f"{profiles[k]['loopSamples']:,} ({profiles[k]['loopSamples'] / profiles[k]['processSamples']:.0%})"
+        for k in kinds
+    )])  # fmt: skip
+    return "\n".join(
+        [
+            "\n### Where the training loop's time goes (py-spy, 100 Hz)\n",
+            "One more run of each, sampled by py-spy; shares of the samples inside the Trainer's loop (the rest of "
+            "the process is imports, tokenizing, loading and saving).\n",
+            markdown_table(["part of the loop", *(TITLES.get(k, k) for k in kinds)], rows),
         ]
     )
 
@@ -495,12 +568,22 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def findings(results: dict[str, Any]) -> list[str]:
-    """A line per missed target, with how far off it is."""
+    """A line per missed target, with how far off it is, and what the profile says about the loop."""
     lines = []
     for target in results["targets"]:
         if target["met"] or target["measured"] is None:
             continue
         lines.append(f"{target['what']}: {target['measured']} against {target['target']}.")
+    profiles = results.get("profile") or {}
+    if lines and len(profiles) == 2:
+        model_parts = ("forward and loss", "backward", "optimizer step")
+        shares = {k: sum(p["parts"][part] for part in model_parts) for k, p in profiles.items()}
+        ours, baseline = shares.pop("kubetune"), next(iter(shares.items()))
+        lines.append(
+            f"py-spy: forward, loss, backward and the optimizer take {ours:.1%} of kubetune's loop and "
+            f"{baseline[1]:.1%} of {TITLES.get(baseline[0], baseline[0])}'s; everything else in the loop "
+            "(data, callbacks, logging, token counting) is the rest."
+        )
     return lines
 
 
@@ -515,6 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs of each variant (the best counts)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (logs, adapters)")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy runs of kubetune and the best baseline"
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     settings = dataclasses.replace(
@@ -525,6 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"{NAME}-"))
     try:
         assets, runs, alone = run_all(settings, threads, workdir)
+        summary = summarize(runs, alone)
+        profiles = None
+        if not (args.quick or args.no_profile):
+            kinds = ["kubetune", summary["comparison"]["bestBaseline"]]
+            profiles = profile(plan_for(assets, settings, threads, packing=False), kinds, workdir)
     finally:
         if args.keep:
             log(f"runs kept in {workdir}")
@@ -553,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": settings.repeats,
             "dataset": dataset,
         },
-        **summarize(runs, alone),
+        **summary,
+        "profile": profiles,
         "runs": [{k: v for k, v in r.items() if k not in ("allStepSeconds", "stepTokens")} for r in runs],
     }
     results["findings"] = findings(results)

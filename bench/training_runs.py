@@ -435,7 +435,7 @@ def run_transformers(plan: RunPlan, workdir: Path) -> dict[str, Any]:
         model=model,
         args=TrainingArguments(**_common_arguments(plan, workdir / "out")),
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),  # to the longest row, as by default
         processing_class=tokenizer,
         callbacks=[clock],
     )
@@ -484,7 +484,8 @@ def kubetune_manifest(plan: RunPlan, output: Path) -> dict[str, Any]:
         },
     }
     if plan.method == "qlora":
-        method["quantization"] = {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+        compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[plan.precision]
+        method["quantization"] = {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": compute}
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -659,12 +660,22 @@ def spawn(command: list[str], workdir: Path, env: dict[str, str], timeout: float
     return wall, usage
 
 
-def measure(kind: str, plan: RunPlan, workdir: Path, timeout: float = 1800) -> dict[str, Any]:
-    """One timed run of ``kind`` in its own process, with its peak RSS and CPU time."""
+def measure(
+    kind: str, plan: RunPlan, workdir: Path, timeout: float = 1800, profile_to: Path | None = None
+) -> dict[str, Any]:
+    """One timed run of ``kind`` in its own process, with its peak RSS and CPU time.
+
+    With ``profile_to``, py-spy samples the run (raw collapsed stacks into that file); py-spy is then
+    the direct child, so the RSS and CPU figures are not the run's: profiled runs are not measurements.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     plan_file, result_file = workdir / "plan.json", workdir / "result.json"
     plan_file.write_text(json.dumps(plan.to_json()))
     command = [sys.executable, "-m", "bench.training_runs", kind, str(plan_file), str(result_file)]
+    if profile_to is not None:
+        py_spy = str(Path(sys.executable).parent / "py-spy")
+        command = [py_spy, "record", "--format", "raw", "--rate", "100", "--nonblocking",
+                   "--output", str(profile_to), "--", *command]  # fmt: skip
     wall, usage = spawn(command, workdir, child_environment(workdir, plan.threads), timeout)
     result = dict(json.loads(result_file.read_text()))
     return result | {

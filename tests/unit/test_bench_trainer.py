@@ -199,6 +199,25 @@ def fake_setup() -> dict[str, Any]:
     }
 
 
+def test_the_profile_splits_the_training_loop_into_its_parts_and_leaves_start_up_out() -> None:
+    loop = "main (x.py:1);Trainer.train (transformers/trainer.py:10);Trainer._run_epoch (transformers/trainer.py:20)"
+    raw = "\n".join(
+        [
+            "<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 50",
+            f"{loop};Trainer.training_step (t.py:1);Trainer.compute_loss (t.py:2);Module._call_impl (m.py:3) 40",
+            f"{loop};Trainer.training_step (t.py:1);Accelerator.backward (a.py:4);Tensor.backward (b.py:5) 50",
+            f"{loop};wrapper (s.py:1);AcceleratedOptimizer.step (a.py:9) 6",
+            f"{loop};CallbackHandler.on_step_end (c.py:1);CallbackHandler.call_event (c.py:2) 1",
+            f"{loop};Trainer.get_batch_samples (t.py:7);__next__ (d.py:1) 3",
+        ]
+    )
+    found = trainer_throughput.loop_profile(raw)
+    assert (found["processSamples"], found["loopSamples"]) == (150, 100)
+    assert found["parts"]["forward and loss"] == 0.4 and found["parts"]["backward"] == 0.5
+    assert found["parts"]["optimizer step"] == 0.06 and found["parts"]["callbacks"] == 0.01
+    assert found["parts"]["next batch (data, collate)"] == 0.03 and found["parts"]["other"] == 0.0
+
+
 # ------------------------------------------------------------------------------- the spec handed over
 
 
@@ -217,6 +236,8 @@ def test_the_kubetune_run_gets_a_valid_finetunejob_asking_for_the_same_training(
     lora = spec.method.effective_lora
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (16, 32, 0.05, ["all-linear"])
     assert spec.method.type.value == method
+    if method == "qlora":  # the baseline computes in the training precision too
+        assert spec.method.effective_quantization.compute_dtype == "bfloat16"
     assert spec.resources.gpus_per_node == 1
 
 
