@@ -1017,6 +1017,11 @@ class StandInNodes:
         found = self.running(namespace, name)
         return found[0].log_path(namespace, name) if found else None
 
+    def log_files(self, namespace: str, name: str) -> list[Path]:
+        """The log files of every run of a pod name on these nodes (re-created pods included), oldest first."""
+        found = [path for k in self.kubelets for path in k.root.glob(f"{namespace}/{name}-*/logs/*.log")]
+        return sorted(found, key=lambda path: path.stat().st_mtime)
+
     def logs(self, namespace: str | None = None) -> str:
         """Every container log of these nodes (all runs), headed by its file name: for a failing test's output."""
         texts = []
