@@ -400,6 +400,10 @@ class Arrivals:
         with self.lock:
             self.times[moment].setdefault(job, at)
 
+    def mark_earliest(self, moment: str, job: str, at: float) -> None:
+        with self.lock:
+            self.times[moment][job] = min(self.times[moment].get(job, math.inf), at)
+
     def count(self, moment: str) -> int:
         with self.lock:
             return len(self.times[moment])
@@ -423,6 +427,8 @@ class Watches:
         self.api, self.arrivals = api, arrivals
         self.watchers: list[watch.Watch] = []
         self.threads: list[threading.Thread] = []
+        self.stopped = threading.Event()
+        self.restarts = 0
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         streams: list[
             tuple[Callable[..., Any], tuple[Any, ...], Callable[[str, dict[str, Any], float], None]]
@@ -458,19 +464,35 @@ class Watches:
         version: str,
         on_event: Callable[[str, dict[str, Any], float], None],
     ) -> None:
-        # The stream ends with an error when the cluster goes down under it; there is nothing left to record.
-        with contextlib.suppress(Exception):
-            for event in watcher.stream(  # type: ignore[no-untyped-call]
-                list_call,
-                *args,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=3600,
-                deserialize=False,
-            ):
-                arrived = time.monotonic()
-                if event.get("type") in ("ADDED", "MODIFIED"):
-                    on_event(event["type"], event["object"], arrived)
+        """Follows one resource until stopped.
+
+        Under load the API server closes a watcher that falls behind ("watcher close due to
+        unresponsiveness"); the watch then resumes from the last resourceVersion it saw, so no event is lost,
+        only late. When that version is too old (410 Gone) it lists again. Each restart is counted and
+        reported, since events around one arrive late.
+        """
+        while not self.stopped.is_set():
+            try:
+                for event in watcher.stream(  # type: ignore[no-untyped-call]
+                    list_call, *args, resource_version=version, allow_watch_bookmarks=True, deserialize=False
+                ):
+                    arrived = time.monotonic()
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        on_event(event["type"], event["object"], arrived)
+                return  # stop() ends the stream
+            except Exception as error:  # a closed stream, a refused reconnect, the cluster going away
+                if self.stopped.is_set():
+                    return
+                self.restarts += 1
+                version = watcher.resource_version or version
+                if isinstance(error, ApiException) and error.status == 410:
+                    with contextlib.suppress(Exception):
+                        listed = json.loads(list_call(*args, _preload_content=False).data)
+                        now = time.monotonic()
+                        for item in listed["items"]:
+                            on_event("ADDED", item, now)
+                        version = listed["metadata"]["resourceVersion"]
+                time.sleep(0.2)
 
     def _finetunejob(self, kind: str, obj: dict[str, Any], at: float) -> None:
         name = obj["metadata"]["name"]
@@ -496,6 +518,7 @@ class Watches:
             self.arrivals.mark("pod_running", job, at)
 
     def stop(self) -> None:
+        self.stopped.set()
         for watcher in self.watchers:
             watcher.stop()  # type: ignore[no-untyped-call]
 
@@ -506,6 +529,7 @@ class Watches:
 @dataclass
 class Submission:
     started: dict[str, float]
+    finished: dict[str, float]  # when each create call returned: the object existed by then
     seconds: float
     errors: list[str]
 
@@ -513,19 +537,21 @@ class Submission:
 def submit_all(names: Sequence[str], create: Callable[[str], object]) -> Submission:
     """Create every object at once from SUBMIT_WORKERS threads; each create's start time is kept."""
     started: dict[str, float] = {}
+    finished: dict[str, float] = {}
     errors: list[str] = []
 
     def one(name: str) -> None:
         started[name] = time.monotonic()
         try:
             create(name)
+            finished[name] = time.monotonic()
         except ApiException as error:
             errors.append(f"{name}: {error.status} {error.reason}")
 
     begin = time.monotonic()
     with ThreadPoolExecutor(SUBMIT_WORKERS) as pool:
         list(pool.map(one, names))
-    return Submission(started=started, seconds=time.monotonic() - begin, errors=errors)
+    return Submission(started=started, finished=finished, seconds=time.monotonic() - begin, errors=errors)
 
 
 def wait_for_count(arrivals: Arrivals, moment: str, count: int, deadline: float) -> bool:
@@ -874,6 +900,9 @@ def run_floor(cluster: BenchCluster, jobs: int, metrics_port: int, timeout: floa
         for moment in ("ptj_created", "pod_created", "ptj_running"):
             wait_for_count(arrivals, moment, jobs, deadline)
         watches.stop()
+        watch_restarts = watches.restarts
+        for name, at in submission.finished.items():  # it existed once its create call returned
+            arrivals.mark_earliest("ptj_created", name, at)
         submit_to_created = [
             arrivals.times["ptj_created"][n] - submission.started[n]
             for n in names
@@ -893,6 +922,7 @@ def run_floor(cluster: BenchCluster, jobs: int, metrics_port: int, timeout: floa
                 for m in ("ptj_created", "pod_created", "ptj_running")
             },
             "timeline": _timeline(arrivals, first, ("ptj_created", "pod_created", "ptj_running")),
+            "watchRestarts": watch_restarts,
         }
     finally:
         cluster.down()
@@ -941,6 +971,9 @@ def run_operator(
         wave_cpu = operator.cpu_seconds() - cpu_before
         wave_peak = operator.peak_rss_mib
         watches.stop()
+        # A FineTuneJob exists once its create call returned, even if the watch event came later.
+        for name, at in submission.finished.items():
+            arrivals.mark_earliest("ftj_created", name, at)
         first = min(submission.started.values())
         result: dict[str, Any] = {
             "submitSeconds": round(submission.seconds, 3),
@@ -965,6 +998,7 @@ def run_operator(
             "timeline": _timeline(
                 arrivals, first, ("ftj_created", "ptj_created", "pod_created", "ftj_running")
             ),
+            "watchRestarts": watches.restarts,
         }
         wave = Window(wave_start_wall, time.time())
 
@@ -1008,6 +1042,7 @@ def run_operator(
             process.stop()
         cluster.down()
 
+    result["slowWatchersClosed"] = slow_watchers_closed(cluster.logs / "kube-apiserver.log")
     requests = read_audit(cluster.audit_log, (OPERATOR_USER, PEER_USER))
     result["writes"] = attribute_writes(requests, names, steady, restart)
     result["reads"] = {
@@ -1020,6 +1055,20 @@ def run_operator(
         result["restart"]["settleAfterFirstRequestSeconds"] = round(after, 3)
     result["peerWrites"] = peer_writes(requests, names, wave)
     return result
+
+
+def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
+    """Watches the API server closed because their client fell behind, by watched prefix.
+
+    The benchmark watches the namespace (`/<resource>/bench/`), the operator and the training operator the
+    whole cluster (`/<resource>/`).
+    """
+    closed: collections.Counter[str] = collections.Counter()
+    if apiserver_log.exists():
+        for line in apiserver_log.read_text(errors="replace").splitlines():
+            if "watcher close due to unresponsiveness" in line and 'key: "' in line:
+                closed[line.split('key: "', 1)[1].split('"', 1)[0]] += 1
+    return dict(closed)
 
 
 def _wait_settled(operator: OperatorProcess, jobs: int, timeout: float) -> float | None:
@@ -1373,6 +1422,30 @@ def ratio_table(results: dict[str, Any]) -> str:
     )
 
 
+def watch_note(results: dict[str, Any]) -> str:
+    """Says where the API server dropped a watcher that fell behind: events around it arrived late."""
+    notes = []
+    for scale in results["scales"]:
+        ours, floor = scale["operator"], scale["floor"]
+        closed = ours.get("slowWatchersClosed") or {}
+        restarts = (floor.get("watchRestarts") or 0) + (ours.get("watchRestarts") or 0)
+        if closed or restarts:
+            where = ", ".join(f"`{key}` {count}" for key, count in closed.items()) or "none"
+            notes.append(
+                f"at {scale['jobs']} jobs the API server closed watchers that fell behind ({where}; a key with "
+                f"`/bench/` is the benchmark's, the others cluster-wide watchers of the operator or the "
+                f"training operator), and the benchmark's watches restarted {restarts} times"
+            )
+    if not notes:
+        return "No watch fell behind: every timestamp is an event as it was delivered.\n"
+    return (
+        "Under load, "
+        + "; ".join(notes)
+        + ". A restarted watch resumes from its last resourceVersion, so no event is lost, but events around a "
+        "restart arrive late; a create counts from when its create call returned if its event came later.\n"
+    )
+
+
 def resources_table(results: dict[str, Any]) -> str:
     rows = []
     for scale in results["scales"]:
@@ -1588,6 +1661,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "### Latency per job\n",
             latency_table(results),
             ratio_table(results),
+            watch_note(results),
             "### API writes per job\n",
             writes_table(results),
             breakdown(results),
