@@ -1653,6 +1653,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"Versions: Kubernetes {versions.get('KUBERNETES_VERSION')}, training operator "
             f"{versions.get('TRAINING_OPERATOR_VERSION')}, kwok {versions.get('KWOK_VERSION')}, "
             + ", ".join(f"{k} {v}" for k, v in packages.items() if v)
+            + f"; the operator at commit {results['machine'].get('gitCommit')}"
+            + (
+                f" with uncommitted changes to {', '.join(f'`{f}`' for f in dirty)}"
+                if (dirty := results["machine"].get("uncommittedOperatorFiles"))
+                else ""
+            )
             + ".\n",
             "### Targets\n",
             targets_table(results),
@@ -1705,6 +1711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = describe_machine(["kopf", "kubernetes", "pydantic", "aiohttp", "prometheus-client"])
     machine["versions"] = _component_versions()
+    machine["uncommittedOperatorFiles"] = _uncommitted("operator")
     cluster = BenchCluster()
     # Jobs name a metrics port that is bound but never listened on, so progress reads fail at once.
     with contextlib.closing(socket.socket()) as closed_port:
@@ -1758,6 +1765,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_results(NAME, results)
     log(f"wrote {path.relative_to(REPO_DIR)} and {', '.join(results['plots'])}")
     return 0
+
+
+def _uncommitted(folder: str) -> list[str]:
+    """Files of `folder` that differ from the commit in the machine block: the code measured is the tree's."""
+    result = subprocess.run(
+        ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--", folder],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line[3:] for line in result.stdout.splitlines()]
 
 
 def _component_versions() -> dict[str, str]:
