@@ -434,8 +434,12 @@ def test_an_oom_killed_pod_retried_until_its_backoff_limit_ends_failed_with_reas
         "the first kill was a restart, seen while the job ran"
     )
 
-    # The pods are stopped; the PyTorchJob is kept, suspended, for `kubectl describe`.
-    assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is True
+    # Then (after the status that says why) the pods are stopped; the PyTorchJob stays, suspended.
+    wait_for(
+        lambda: read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"].get("suspend") is True,
+        timeout=15,
+        description="the PyTorchJob to be suspended",
+    )
     wait_for(
         lambda: not cluster.core.list_namespaced_pod(namespace, label_selector=CHILDREN).items,
         timeout=60,

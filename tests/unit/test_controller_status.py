@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -49,6 +50,7 @@ def a_pod(
     node: str = "node-0",
     uid: str | None = None,
     deletion: str | None = None,
+    grace: int = 300,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if terminated is not None:
@@ -71,9 +73,11 @@ def a_pod(
         "labels": {"training.kubeflow.org/replica-type": replica, "training.kubeflow.org/replica-index": "0"},
     }
     if deletion:
-        # The API server sets deletionTimestamp to the request time plus the grace period.
-        metadata["deletionTimestamp"] = deletion
-        metadata["deletionGracePeriodSeconds"] = 0
+        # `deletion` is when the delete was asked for; the API server sets deletionTimestamp to that plus the
+        # grace period, which is 0 for a pod that has already ended.
+        requested = datetime.fromisoformat(deletion.replace("Z", "+00:00"))
+        metadata["deletionTimestamp"] = (requested + timedelta(seconds=grace)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        metadata["deletionGracePeriodSeconds"] = grace
     return {
         "metadata": metadata,
         "spec": {
@@ -401,6 +405,21 @@ def test_a_failed_pod_seen_again_is_counted_once() -> None:
     assert status.restarts == 1
 
 
+def test_a_failed_pod_read_from_the_list_and_then_from_its_deleted_event_is_one_failure() -> None:
+    """The client library writes +00:00 where the watch event says Z; the same failure must compare equal."""
+    the_job = job_with_backoff(1)
+    listed = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": "2026-01-01T00:01:00+00:00"})
+    status = compute_status(
+        the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), [listed]), T1
+    )
+    deleted = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1}, deletion=T1, grace=0)
+    status = compute_status(
+        the_job, status, Observed(a_pytorchjob("Created", "Restarting"), deleted_pods=[deleted]), T2
+    )
+    assert status.phase is Phase.RUNNING and status.restarts == 1
+    assert status.last_failure is not None and status.last_failure.time == T1
+
+
 def test_two_pods_failing_together_are_two_restarts() -> None:
     master = a_pod(uid="m", phase="Failed", terminated={**OOM, "finishedAt": T1})
     worker = a_pod("demo-worker-0", "worker", "Failed", uid="w", terminated={**OOM, "finishedAt": T1})
@@ -415,11 +434,21 @@ def test_two_pods_failing_together_are_two_restarts() -> None:
 
 def test_a_pod_stopped_by_a_suspend_did_not_fail() -> None:
     """SIGTERM on deletion: the trainer checkpoints and exits 143 after the delete was asked for."""
-    stopped = a_pod(uid="a", phase="Failed", terminated={"exitCode": 143, "finishedAt": T2}, deletion=T1)
+    later = a_pod(uid="a", phase="Failed", terminated={"exitCode": 143, "finishedAt": T2}, deletion=T1)
+    at_once = a_pod(uid="b", phase="Failed", terminated={"exitCode": 143, "finishedAt": T1}, deletion=T1)
     status = compute_status(
-        job(), FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Suspended"), [stopped]), T2
+        job(), FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Suspended"), [later, at_once]), T2
     )
     assert status.restarts is None and status.last_failure is None
+
+
+def test_a_pod_deleted_in_the_second_it_failed_did_fail() -> None:
+    """The training operator deletes a failed pod at once; timestamps have whole seconds."""
+    dead = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1}, deletion=T1, grace=0)
+    status = compute_status(
+        job(), FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), deleted_pods=[dead]), T1
+    )
+    assert status.restarts == 1 and status.last_failure is not None
 
 
 def test_a_non_retryable_failure_is_kept_but_is_no_restart() -> None:
@@ -497,3 +526,27 @@ def test_gpu_seconds_never_go_down_when_a_pod_vanishes_unseen() -> None:
     status = compute_status(job(), FineTuneJobStatus(), running, T2)
     status = compute_status(job(), status, Observed(a_pytorchjob("Created", "Running")), T3)
     assert status.gpu_seconds == 120
+
+
+def test_a_restart_is_announced_with_the_failures_reason_and_the_end_with_the_same_reason() -> None:
+    from kubetune.controller.kube import Transition, transition_events
+
+    the_job = job_with_backoff(1)
+    dead = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1})
+    running = compute_status(
+        the_job, FineTuneJobStatus(), Observed(a_pytorchjob("Created", "Running"), [a_pod()]), T0
+    )
+    restarted = compute_status(the_job, running, Observed(a_pytorchjob("Created", "Running"), [dead]), T1)
+    again = a_pod(uid="b", phase="Failed", terminated={**OOM, "finishedAt": T2})
+    failed = compute_status(the_job, restarted, Observed(a_pytorchjob("Created", "Running"), [again]), T2)
+
+    restart_events = transition_events(Transition(body={}, before=running, after=restarted))
+    assert restart_events == [
+        (
+            "Warning",
+            "OOMKilled",
+            "pod demo-master-0 failed with OOMKilled, exit code 137; replaced (restart 1)",
+        )
+    ]
+    end_events = transition_events(Transition(body={}, before=restarted, after=failed))
+    assert [(kind, reason) for kind, reason, _ in end_events] == [("Warning", "OOMKilled")]

@@ -38,6 +38,7 @@ from kubetune.controller.status import (
     JobState,
     Observed,
     compute_status,
+    describe_failure,
     invalid_status,
     pytorchjob_state,
 )
@@ -115,12 +116,7 @@ def transition_events(change: Transition) -> list[tuple[str, str, str]]:
     last = after.last_failure
     if (after.restarts or 0) > (before.restarts or 0) and last is not None:
         events.append(
-            (
-                "Warning",
-                last.reason,
-                f"pod {last.pod} failed ({last.reason}, exit code {last.exit_code}): {last.message or '-'}; "
-                f"restart {after.restarts} of spec.runPolicy.backoffLimit",
-            )
+            ("Warning", last.reason, f"{describe_failure(last)}; replaced (restart {after.restarts})")
         )
     stalled_before = find_condition(before.conditions, ConditionType.STALLED)
     stalled_after = find_condition(after.conditions, ConditionType.STALLED)

@@ -40,11 +40,25 @@ def trainer_status(pod: Manifest) -> Mapping[str, Any] | None:
     return None
 
 
+def _grace_seconds(pod: Manifest) -> int:
+    grace = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+    return grace if isinstance(grace, int) and grace > 0 else 0
+
+
 def deletion_requested_at(pod: Manifest) -> datetime | None:
     """When someone asked to delete the pod (deletionTimestamp is that moment plus the grace period)."""
-    metadata = pod.get("metadata") or {}
-    deadline = parse_time(metadata.get("deletionTimestamp"))
-    if deadline is None:
-        return None
-    grace = metadata.get("deletionGracePeriodSeconds")
-    return deadline - timedelta(seconds=grace if isinstance(grace, int) and grace > 0 else 0)
+    deadline = parse_time((pod.get("metadata") or {}).get("deletionTimestamp"))
+    return None if deadline is None else deadline - timedelta(seconds=_grace_seconds(pod))
+
+
+def stopped_by_deletion(pod: Manifest, finished_at: datetime | None) -> bool:
+    """Whether the trainer ended because the pod was deleted (a suspend, the job's clean-up), not before.
+
+    Timestamps have whole seconds, and the training operator deletes a failed pod within the second it
+    failed. The grace period tells the two apart then: the API server deletes a pod that has already
+    ended with a grace period of 0, a running one with its terminationGracePeriodSeconds.
+    """
+    requested = deletion_requested_at(pod)
+    if requested is None or finished_at is None:
+        return False
+    return finished_at > requested or (finished_at == requested and _grace_seconds(pod) > 0)

@@ -29,12 +29,13 @@ from kubetune.api.v1alpha1 import (
 )
 from kubetune.api.validation import FieldError
 from kubetune.controller.adapter import reported_adapter
-from kubetune.controller.conditions import ConditionStatus, parse_time, set_condition
+from kubetune.controller.conditions import ConditionStatus, parse_time, rfc3339, set_condition
 from kubetune.controller.pods import (
     REPLICA_TYPE_LABEL,
     deletion_requested_at,
     pod_name,
     pod_uid,
+    stopped_by_deletion,
     trainer_status,
 )
 from kubetune.render.labels import pytorchjob_name
@@ -258,6 +259,13 @@ class PodFailure:
 RETRYABLE_EXIT = 128
 
 
+def _timestamp(value: object, default: str) -> str:
+    """A timestamp as Kubernetes writes it (…Z): a pod read through the client library says +00:00, the same
+    pod in a watch event says Z, and both must compare equal."""
+    moment = parse_time(str(value)) if value else None
+    return rfc3339(moment) if moment is not None else default
+
+
 def pod_failure(pod: Manifest, now: str) -> PodFailure | None:
     """How the pod failed, or None when it did not (a pod stopped because it was deleted did not fail)."""
     name, uid = pod_name(pod), pod_uid(pod)
@@ -267,23 +275,21 @@ def pod_failure(pod: Manifest, now: str) -> PodFailure | None:
     if disrupted := _disrupted(pod):
         when = next(
             (
-                str(c.get("lastTransitionTime"))
+                _timestamp(c.get("lastTransitionTime"), now)
                 for c in (pod.get("status") or {}).get("conditions") or []
                 if c.get("type") == "DisruptionTarget" and c.get("lastTransitionTime")
             ),
-            str(terminated.get("finishedAt") or now),
+            _timestamp(terminated.get("finishedAt"), now),
         )
         return PodFailure(name, uid, Reason.PREEMPTED, disrupted, exit_code, when, retryable=True)
     if exit_code not in (0, None):
-        finished = str(terminated.get("finishedAt") or now)
-        deleted_at, finished_at = deletion_requested_at(pod), parse_time(finished)
-        if deleted_at is not None and finished_at is not None and finished_at >= deleted_at:
-            return None  # stopped by its deletion: a suspend, or the job's end
+        finished = _timestamp(terminated.get("finishedAt"), now)
+        if stopped_by_deletion(pod, parse_time(finished)):
+            return None
         message = str(terminated.get("message") or "").strip()
         reason = classify_termination(exit_code, str(terminated.get("reason") or ""), message)
-        detail = message or str(terminated.get("reason") or "")
         retryable = exit_code is not None and exit_code >= RETRYABLE_EXIT
-        return PodFailure(name, uid, reason, detail, exit_code, finished, retryable)
+        return PodFailure(name, uid, reason, message, exit_code, finished, retryable)
     status = pod.get("status") or {}
     if status.get("phase") == "Failed" and exit_code is None and deletion_requested_at(pod) is None:
         detail = str(status.get("message") or status.get("reason") or "the pod failed")
@@ -305,8 +311,9 @@ def record_failures(
 ) -> FailureRecord:
     """Count each new pod failure once, oldest first, against spec.runPolicy.backoffLimit.
 
-    A failure is new when it is later than status.lastFailure (by time, then pod UID), so a failed pod
-    seen again on the next reconcile is not counted twice. A retryable failure within the limit is a
+    A failure is new when it is later than status.lastFailure (by time, then pod UID) and not of the same
+    pod (a pod fails once: the training operator replaces it), so a failed pod seen again on the next
+    reconcile is not counted twice. A retryable failure within the limit is a
     restart; one past it exhausts the limit. The training operator (v1.9) counts restarts only from
     container restart counts, which stay 0 for the pods it deletes and recreates under restartPolicy
     ExitCode, so without this count an OOM-killed trainer would be restarted forever.
@@ -316,7 +323,7 @@ def record_failures(
     exhausted = False
     failures = sorted((f for pod in pods if (f := pod_failure(pod, now)) is not None), key=PodFailure.key)
     for failure in failures:
-        if seen is not None and failure.key() <= seen:
+        if seen is not None and (failure.key() <= seen or (last is not None and failure.uid == last.pod_uid)):
             continue
         if failure.retryable and restartable:
             if restarts < backoff_limit:
@@ -428,7 +435,7 @@ def _earliest_start(pods: Iterable[Manifest]) -> str | None:
             state = container.get("state") or {}
             started = (state.get("running") or state.get("terminated") or {}).get("startedAt")
             if started:
-                starts.append(str(started))
+                starts.append(_timestamp(started, str(started)))
     return min(starts) if starts else None  # RFC 3339 in UTC sorts as text
 
 
