@@ -420,6 +420,26 @@ def test_a_failed_pod_read_from_the_list_and_then_from_its_deleted_event_is_one_
     assert status.last_failure is not None and status.last_failure.time == T1
 
 
+def test_a_pod_failed_without_a_container_exit_is_one_failure_however_often_it_is_seen() -> None:
+    lost = a_pod(
+        uid="a",
+        phase="Failed",
+        running_since=None,
+        conditions=[{"type": "Ready", "status": "False", "lastTransitionTime": T1}],
+    )
+    lost["status"]["message"] = "the node was shut down"
+    status = FineTuneJobStatus()
+    for now in (T1, T2, T3):
+        status = compute_status(
+            job_with_backoff(3),
+            status,
+            Observed(a_pytorchjob("Created", "Running"), [lost, a_pod(uid="b")]),
+            now,
+        )
+    assert status.restarts == 1
+    assert status.last_failure is not None and status.last_failure.time == T1
+
+
 def test_two_pods_failing_together_are_two_restarts() -> None:
     master = a_pod(uid="m", phase="Failed", terminated={**OOM, "finishedAt": T1})
     worker = a_pod("demo-worker-0", "worker", "Failed", uid="w", terminated={**OOM, "finishedAt": T1})

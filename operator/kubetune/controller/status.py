@@ -293,7 +293,14 @@ def pod_failure(pod: Manifest, now: str) -> PodFailure | None:
     status = pod.get("status") or {}
     if status.get("phase") == "Failed" and exit_code is None and deletion_requested_at(pod) is None:
         detail = str(status.get("message") or status.get("reason") or "the pod failed")
-        return PodFailure(name, uid, Reason.TRAINER_ERROR, detail, None, now, retryable=True)
+        # The newest condition change is when it failed: a time that stays the same on every reconcile.
+        changes = [
+            str(c.get("lastTransitionTime"))
+            for c in status.get("conditions") or []
+            if c.get("lastTransitionTime")
+        ]
+        when = max((_timestamp(change, now) for change in changes), default=now)
+        return PodFailure(name, uid, Reason.TRAINER_ERROR, detail, None, when, retryable=True)
     return None
 
 
@@ -313,10 +320,10 @@ def record_failures(
 
     A failure is new when it is later than status.lastFailure (by time, then pod UID) and not of the same
     pod (a pod fails once: the training operator replaces it), so a failed pod seen again on the next
-    reconcile is not counted twice. A retryable failure within the limit is a
-    restart; one past it exhausts the limit. The training operator (v1.9) counts restarts only from
-    container restart counts, which stay 0 for the pods it deletes and recreates under restartPolicy
-    ExitCode, so without this count an OOM-killed trainer would be restarted forever.
+    reconcile is not counted twice. A retryable failure within the limit is a restart; one past it
+    exhausts the limit. The training operator (v1.9) counts restarts only from container restart counts,
+    which stay 0 for the pods it deletes and recreates under restartPolicy ExitCode, so without this count
+    an OOM-killed trainer would be restarted forever.
     """
     restarts, last = current.restarts or 0, current.last_failure
     seen = (last.time or "", last.pod_uid or "") if last is not None else None
