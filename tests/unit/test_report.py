@@ -11,7 +11,14 @@ HISTORY = [
     {"loss": 4.5, "step": 10, "epoch": 1.0},
     {"train_runtime": 4.0, "num_input_tokens_seen": 2000, "step": 10},
 ]
-MANIFEST = {"globalStep": 10, "uri": "file://out/demo", "sha256": "ab" * 32, "metrics": {"eval_loss": 4.7}, "job": {"name": "demo"}}
+MANIFEST = {
+    "globalStep": 10,
+    "uri": "file://out/demo",
+    "sha256": "ab" * 32,
+    "manifestSha256": "cd" * 32,
+    "metrics": {"eval_loss": 4.7},
+    "job": {"name": "demo"},
+}
 
 
 def test_the_summary_reports_loss_before_and_after_and_throughput() -> None:
@@ -19,8 +26,13 @@ def test_the_summary_reports_loss_before_and_after_and_throughput() -> None:
     assert (summary["lossFirst"], summary["lossLast"]) == (6.0, 4.5)
     assert summary["trainableShare"] == 0.25
     assert summary["tokensPerSecond"] == 500.0
-    assert summary["evalLoss"] == 4.7, "the final evaluation comes from the manifest when the history lacks it"
+    assert summary["evalLoss"] == 4.7, (
+        "the final evaluation comes from the manifest when the history lacks it"
+    )
     assert summary["adapterUri"] == "file://out/demo"
+    assert summary["adapterSha256"] == "cd" * 32, (
+        "the checksum of the manifest file, as status.adapter has it"
+    )
 
 
 def test_the_report_writes_a_png_loss_curve(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ def summarize(
         "evalLoss": evals[-1] if evals else manifest.get("metrics", {}).get("eval_loss"),
         "tokensPerSecond": tokens / runtime if tokens and runtime else None,
         "adapterUri": manifest.get("uri"),
-        "adapterSha256": manifest.get("sha256"),
+        # The checksum `sha256sum kubetune-manifest.json` gives, and the one status.adapter.sha256 holds on a cluster.
+        "adapterSha256": manifest.get("manifestSha256", manifest.get("sha256")),
         "lossCurve": losses,
     }
 
