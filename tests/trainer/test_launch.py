@@ -4,15 +4,20 @@ exits with the root cause's code. These tests run the real torchrun with small s
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from tests.support.seaweedfs import free_port
 
+from kubetune_trainer.launch import wait_for_a_fresh_master
 from kubetune_trainer.termination import EXIT_PEER_LOST, reason_for
 
 pytestmark = pytest.mark.trainer
@@ -90,3 +95,27 @@ def test_a_preempted_pod_exits_143_after_its_worker_stopped(tmp_path: Path) -> N
     process.send_signal(signal.SIGTERM)
     assert exit_code(process) == 143
     assert stopped.read_text() == "checkpointed"
+
+
+def test_a_replacement_worker_waits_for_the_master_of_a_new_round() -> None:
+    """A worker pod re-created while the master of its old round still runs must not join that round: the
+    master replacing it would wait for a node that already checked in elsewhere."""
+    from torch.distributed import TCPStore
+
+    port, key = free_port(), "kubetune/demo/node-1"
+    old_round = TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
+    assert wait_for_a_fresh_master("127.0.0.1", port, key, timeout=10), "the first worker joins at once"
+    assert not wait_for_a_fresh_master("127.0.0.1", port, key, timeout=2, poll=0.2), "its replacement waits"
+
+    claimed: list[bool] = []
+    replacement = threading.Thread(
+        target=lambda: claimed.append(wait_for_a_fresh_master("127.0.0.1", port, key, timeout=60, poll=0.2))
+    )
+    replacement.start()
+    time.sleep(1)
+    del old_round  # the old master goes away ...
+    gc.collect()
+    new_round = TCPStore("127.0.0.1", port, None, True, timedelta(seconds=10), wait_for_workers=False)
+    replacement.join(timeout=60)  # ... and the replacement joins the new one
+    assert claimed == [True]
+    assert new_round.get(key)
