@@ -3,8 +3,11 @@ SeaweedFS with the quickstart's tiny model and data, and a Prometheus per test (
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import pytest
 from kubernetes import client
@@ -43,6 +46,7 @@ def platform(
     from tests.integration.cluster import namespace_name
 
     work = tmp_path_factory.mktemp("e2e")
+    lock = machine_lock()
     system = cluster.create_namespace(namespace_name("kubetune-system"))
     team = cluster.create_namespace(namespace_name("ml-team"))
     try:
@@ -69,3 +73,18 @@ def platform(
     finally:
         cluster.delete_namespace(team)
         cluster.delete_namespace(system)
+        lock.close()
+
+
+def machine_lock() -> IO[str]:
+    """One end-to-end run per machine at a time: stand-in pods share its network, and every PyTorchJob's
+    master listens on the same rendezvous port (23456), so two runs' jobs would meet each other's nodes."""
+    path = Path(os.environ.get("KUBETUNE_CACHE_DIR", Path.home() / ".cache" / "kubetune")) / "e2e.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(f"another end-to-end run holds {path}; waiting for it")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
