@@ -403,6 +403,12 @@ class StandInKubelet:
                 listed = self._json(self.core.list_pod_for_all_namespaces, field_selector=selector)
                 for pod in listed["items"]:
                     self._on_pod("ADDED", pod)
+                # A pod deleted while the watch was down sends no event: stop what the list no longer has.
+                present = {pod["metadata"]["uid"] for pod in listed["items"]}
+                with self._lock:
+                    gone = [run for run in self.pods.values() if run.uid not in present and not run.stopping]
+                for run in gone:
+                    self._terminate(run, grace=0.0, delete=False)
                 self._watch = watch.Watch()  # type: ignore[no-untyped-call]
                 for event in self._watch.stream(  # type: ignore[no-untyped-call]
                     self.core.list_pod_for_all_namespaces,
