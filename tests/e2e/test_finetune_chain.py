@@ -109,6 +109,15 @@ def assert_adapter_published_and_reported(platform: Platform, job: dict[str, Any
     say(f"status.adapter: {adapter['uri']} sha256 {adapter['sha256'][:12]}... = sha256 of the manifest in S3")
 
 
+def running_pods(platform: Platform, name: str) -> dict[str, Any]:
+    """The job's pods by name once both run (the worker may be gone once the job ended: cleanPodPolicy)."""
+    pods = platform.cluster.core.list_namespaced_pod(
+        platform.namespace, label_selector=f"kubetune.io/job-name={name}"
+    ).items
+    running = {pod.metadata.name: pod for pod in pods if pod.status.phase == "Running"}
+    return running if len(running) == 2 else {}
+
+
 def loss_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("{'loss'")]
 
@@ -127,24 +136,19 @@ def test_a_two_node_zero3_job_trains_from_s3_publishes_its_adapter_and_reports_i
     started = time.monotonic()
 
     apply(platform, a_finetunejob(platform, name, max_steps, metrics_port), tmp_path)
-    job, took = succeeded(platform, name, started, history, story)
 
-    # The operator made the PyTorchJob; the training operator ran it to Succeeded on two nodes.
+    # The operator made the PyTorchJob; the training operator made its two pods, one on each node.
+    pods = wait_for(lambda: running_pods(platform, name), timeout=120, description="both pods Running")
+    assert sorted(pods) == [f"{name}-master-0", f"{name}-worker-0"]
+    assert len({pod.spec.node_name for pod in pods.values()}) == 2, "one pod per node"
+    assert {pod.spec.node_name for pod in pods.values()} <= {k.node_name for k in platform.nodes.kubelets}
+    worker_env = {e.name: e.value for e in pods[f"{name}-worker-0"].spec.containers[0].env}
+    assert worker_env["PET_NNODES"] == "2" and worker_env["PET_NODE_RANK"] == "1"
+    assert worker_env["MASTER_ADDR"] == f"{name}-master-0", "a Service, which the stand-in resolves"
+
+    job, took = succeeded(platform, name, started, history, story)
     pytorchjob = platform.cluster.custom.get_namespaced_custom_object(*PTJ[:2], namespace, PTJ[2], name)
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in pytorchjob["status"]["conditions"])
-    pods = platform.cluster.core.list_namespaced_pod(
-        namespace, label_selector=f"kubetune.io/job-name={name}"
-    ).items
-    assert sorted(p.metadata.name for p in pods) == [f"{name}-master-0", f"{name}-worker-0"]
-    assert len({p.spec.node_name for p in pods}) == 2, "one pod per node"
-    assert {p.spec.node_name for p in pods} <= {k.node_name for k in platform.nodes.kubelets}
-    worker_env = {
-        e.name: e.value for e in next(p for p in pods if "worker" in p.metadata.name).spec.containers[0].env
-    }
-    assert worker_env["PET_NNODES"] == "2" and worker_env["PET_NODE_RANK"] == "1"
-    assert worker_env["MASTER_ADDR"] == f"{name}-master-0", (
-        "the Service the stand-in resolves to the master pod"
-    )
 
     # The trainer trained across both: rank 0 logged every 5th step and published.
     master_log = platform.nodes.log_files(namespace, f"{name}-master-0")[-1].read_text(errors="replace")
