@@ -39,7 +39,16 @@ class Story:
     """Prints each hop of a job as it happens: its PyTorchJob's conditions, its pods (phase, node, exit) and
     the trainer's log lines that matter (steps, checkpoints, resume, upload)."""
 
-    LOG_MARKS = ("resuming from", "checkpoint ", "published", "'loss'", "PeerLost", "failed first", "exiting")
+    LOG_MARKS = (
+        "resuming from",
+        "checkpoint ",
+        "published",
+        "'loss'",
+        "PeerLost",
+        "failed first",
+        "exiting",
+        "successor",
+    )
 
     def __init__(self, platform: Platform, job: str) -> None:
         self.platform, self.job = platform, job
