@@ -14,6 +14,7 @@ from kubetune_trainer.data import (
     IGNORE_INDEX,
     CausalLMCollator,
     build_task_data,
+    collator_for,
     load_rows,
     pack_examples,
 )
@@ -108,6 +109,22 @@ def test_packed_dataset_and_collator_pad_labels_with_ignore_index(tokenizer: Any
     short = int(batch["attention_mask"][1].sum())
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][1, short:] == tokenizer.pad_token_id).all()
+
+
+def test_on_the_cpu_a_batch_is_padded_to_its_longest_row_and_for_tensor_cores_to_a_multiple_of_8(
+    tokenizer: Any,
+) -> None:
+    import torch
+
+    from kubetune_trainer.train import pad_multiple
+
+    rows = [{"input_ids": [5] * 5, "labels": [5] * 5}, {"input_ids": [6] * 11, "labels": [6] * 11}]
+    longest = collator_for("causal-lm", tokenizer, pad_to_multiple_of=None)(rows)
+    assert longest["input_ids"].shape == (2, 11)
+    assert longest["attention_mask"].sum().item() == 16
+    assert collator_for("causal-lm", tokenizer, pad_to_multiple_of=8)(rows)["input_ids"].shape == (2, 16)
+    if not torch.cuda.is_available():
+        assert pad_multiple() is None
 
 
 def test_validation_split_holds_out_rows_before_tokenizing(tokenizer: Any, data_dir: Path) -> None:

@@ -377,7 +377,8 @@ def build_task_data(
 
 
 class CausalLMCollator:
-    """Right-pads ``input_ids`` with the pad token and ``labels`` with -100, to a multiple of 8."""
+    """Right-pads ``input_ids`` with the pad token and ``labels`` with -100, to the longest row
+    rounded up to ``pad_to_multiple_of`` (1: the longest row itself)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
         self.pad_token_id = pad_token_id
@@ -399,15 +400,16 @@ class CausalLMCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def collator_for(task: str, tokenizer: PreTrainedTokenizerBase) -> Any:
-    """A callable turning a list of examples into a padded batch."""
+def collator_for(task: str, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = 8) -> Any:
+    """A callable turning a list of examples into a padded batch; ``pad_to_multiple_of=None`` pads
+    each batch to its longest row."""
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     if task == "causal-lm":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise DataError("the tokenizer has neither a pad nor an eos token to pad with")
-        return CausalLMCollator(int(pad))
+        return CausalLMCollator(int(pad), pad_to_multiple_of or 1)
     if task == "token-cls":
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
