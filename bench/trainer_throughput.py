@@ -12,7 +12,7 @@ set of mixed lengths, the same LoRA (r 16, alpha 32, dropout 0.05, all linear la
 Each run is its own process; all count real (non-padding) tokens with the Trainer's own counter and time the
 steps after a warm-up with the same callback. Every variant runs ``repeats`` times in a rotating order; a run
 trains the same batches each time, so each step's fastest time over the repeats counts (other work on a shared
-machine only ever slows a step down). Peak RSS is each process's ``ru_maxrss``. The callbacks are also timed alone, 20,000 steps with no model, and the exporter's
+machine only ever slows a step down). Peak RSS is each process's own high-water mark (VmHWM). The callbacks are also timed alone, 20,000 steps with no model, and the exporter's
 ``/metrics`` rendering 2,000 times.
 
     python -m bench.trainer_throughput [--quick] [--threads N] [--repeats N] [--steps N] [--keep]
@@ -91,7 +91,7 @@ class Settings:
     repeats: int
 
 
-FULL = Settings(warmup_steps=5, steps=60, repeats=2)
+FULL = Settings(warmup_steps=5, steps=40, repeats=2)
 QUICK = Settings(warmup_steps=1, steps=4, repeats=1)
 
 
@@ -499,7 +499,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{setup['repeats']} time(s) in a rotating order. Every run of a variant trains the same batches, so "
             "each step's fastest time over the repeats counts (work beside a run only ever slows a step down); "
             "each run's own figure is listed too. All runs without packing see the same batches. Peak RSS is the "
-            "training process's `ru_maxrss`.\n",
+            "training process's own high-water mark (VmHWM; `ru_maxrss` would include its parent's).\n",
             "### Targets\n",
             markdown_table(["what", "target", "measured", ""], target_rows),
             *(["### What limits it\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"] if findings else []),

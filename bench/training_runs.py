@@ -640,6 +640,18 @@ def child_environment(workdir: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
+def own_peak_rss_bytes() -> int:
+    """This process's peak resident memory since its exec: VmHWM of /proc/self/status.
+
+    Not ``ru_maxrss``: at exec the kernel folds the parent's high-water mark into it, so a child of a large
+    process (pytest with torch loaded) reports at least its parent's peak, whatever it did itself.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def spawn(command: list[str], workdir: Path, env: dict[str, str], timeout: float) -> tuple[float, Any]:
     """Run ``command`` from the repository root; returns (wall seconds, its rusage from wait4)."""
     log_file = workdir / "run.log"
@@ -680,7 +692,8 @@ def measure(
     result = dict(json.loads(result_file.read_text()))
     return result | {
         "kind": kind,
-        "peakRssBytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        # The run's own VmHWM, not the rusage's ru_maxrss (see own_peak_rss_bytes).
+        "peakRssBytes": result["peakRssBytes"],
         "cpuSeconds": usage.ru_utime + usage.ru_stime,
         "wallSeconds": wall,
     }
@@ -705,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = RunPlan.from_json(json.loads(Path(plan_file).read_text()))
     result = RUNNERS[kind](plan, Path(target).parent)
+    result["peakRssBytes"] = own_peak_rss_bytes()
     Path(target).write_text(json.dumps(result))
     return 0
 
