@@ -9,7 +9,7 @@ from kubetune_trainer.report import summarize, write_report
 HISTORY = [
     {"loss": 6.0, "step": 5, "epoch": 0.5},
     {"loss": 4.5, "step": 10, "epoch": 1.0},
-    {"train_runtime": 4.0, "num_input_tokens_seen": 2000, "step": 10},
+    {"train_runtime": 4.0, "train_steps_per_second": 2.5, "num_input_tokens_seen": 2000, "step": 10},
 ]
 MANIFEST = {
     "globalStep": 10,
@@ -40,3 +40,12 @@ def test_the_report_writes_a_png_loss_curve(tmp_path: Path) -> None:
     png = Path(summary["lossPlot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "summary.json").exists()
+
+
+def test_a_rerun_that_resumes_from_its_last_step_reports_no_throughput() -> None:
+    """A second `kubetune run` of the same job finds the final checkpoint and trains no step."""
+    history = [
+        *HISTORY[:2],
+        {"train_runtime": 0.0007, "train_steps_per_second": 0.0, "num_input_tokens_seen": 2000},
+    ]
+    assert summarize(history, MANIFEST, trainable=25, total=100)["tokensPerSecond"] is None

@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_PREEMPTED
     if result.manifest is not None:  # global rank 0, after publishing
-        print(f"published {result.manifest['uri']} (sha256 {result.manifest['sha256']})", flush=True)
+        print(
+            f"published {result.manifest['uri']} (sha256 of kubetune-manifest.json {result.manifest['manifestSha256']})",
+            flush=True,
+        )
         write_adapter_summary(result.manifest)
         if report_dir := os.environ.get("KUBETUNE_REPORT_DIR"):  # set by `kubetune run`
             from .report import write_report

@@ -19,6 +19,9 @@ def summarize(
     final: dict[str, Any] = next((e for e in reversed(log_history) if "train_runtime" in e), {})
     tokens = final.get("num_input_tokens_seen")
     runtime = final.get("train_runtime")
+    if not final.get("train_steps_per_second"):
+        # Resumed from a checkpoint of the last step: no step ran, and the token count is the earlier run's.
+        tokens = None
     return {
         "trainableParams": trainable,
         "totalParams": total,
