@@ -1251,7 +1251,8 @@ def plot(results: dict[str, Any]) -> list[str]:
     }
     for moment, label in labels.items():
         times = largest["operator"]["timeline"].get(moment, [])
-        axis.plot(times, _cumulative(times, largest["jobs"]), label=label)
+        reached = round(largest["jobs"] * largest["operator"]["completePercent"].get(moment, 100) / 100)
+        axis.plot(times, _cumulative(times, reached), label=label)
     floor = largest["floor"]["timeline"].get("ptj_created", [])
     axis.plot(
         floor,
@@ -1448,14 +1449,15 @@ def watch_note(results: dict[str, Any]) -> str:
             notes.append(
                 f"at {scale['jobs']} jobs the API server closed watchers that fell behind ({where}; a key with "
                 f"`/bench/` is the benchmark's, the others cluster-wide watchers of the operator or the "
-                f"training operator), and the benchmark's watches restarted {restarts} times"
+                f"training operator)"
+                + (f", and the benchmark's watches had to be restarted {restarts} times" if restarts else "")
             )
     if not notes:
         return "No watch fell behind: every timestamp is an event as it was delivered.\n"
     return (
         "Under load, "
         + "; ".join(notes)
-        + ". A restarted watch resumes from its last resourceVersion, so no event is lost, but events around a "
+        + ". A closed watch resumes from its last resourceVersion, so no event is lost, but events around a "
         "restart arrive late; a create counts from when its create call returned if its event came later.\n"
     )
 
@@ -1555,7 +1557,9 @@ def profile_section(results: dict[str, Any]) -> str:
         summary = profile.get(phase)
         if not summary:
             continue
-        parts.append(f"**{label}** ({summary['samples']} samples, busy time only):\n")
+        parts.append(
+            f"**{label}** ({summary['samples']} samples of the thread holding the GIL, i.e. CPU time):\n"
+        )
         parts.append(markdown_table(["where", "% of samples"], summary["categories"]))
         parts.append("\nkubetune functions on the stack (inclusive):\n")
         parts.append(markdown_table(["function", "% of samples"], summary["ourFunctionsInclusive"][:8]))
@@ -1570,6 +1574,14 @@ def findings(results: dict[str, Any]) -> list[str]:
     interval = results["settings"]["progressIntervalSeconds"]
     cores = results["machine"].get("cores") or 1
     said: list[str] = []
+    load = results["machine"].get("loadAverage") or {}
+    if load.get("start") and load.get("end"):
+        said.append(
+            f"**Load.** The machine's 1-minute load average went from {load['start'][0]:.1f} to "
+            f"{load['end'][0]:.1f} on {cores} cores during the run, mostly other work: absolute times are "
+            "stretched accordingly; the ratios within one run (ours against the floor and the peer) are the "
+            "figures to compare."
+        )
     hop, peer = ours["latency"]["createToPyTorchJob"], ours["latency"]["pyTorchJobToPod"]
     wave_cpu = ours["process"]["waveCpuSeconds"]
     running = ours["completePercent"]["ftj_running"]
@@ -1617,9 +1629,11 @@ def findings(results: dict[str, Any]) -> list[str]:
     said.append(
         f"**Writes on create: {create['perJob']} per job** ({create['refusedPerJob']} of them refused): "
         + ", ".join(f"`{k}` {v}" for k, v in create["byKind"].items())
-        + ". kopf's own bookkeeping (finalizer, last-handled annotation) is two, the children two, an event one; "
-        "the rest are status patches, several per job because the create handler, the first timer tick and the "
-        "PyTorchJob's and pod's events each refresh the status, and racing refreshes lose with 409 Conflict."
+        + ". The least a job costs is kopf's bookkeeping (finalizer, last-handled annotation) two, the children "
+        "two, an event one, a status patch one. Above that: status patches from the create handler, the first "
+        "timer tick and each PyTorchJob and pod event, racing refreshes that lose with 409 Conflict, and under "
+        "load handler runs that failed and were retried, whose creates of existing children are refused (409) "
+        "and whose annotation patch is written again."
     )
     unsettled = [s["jobs"] for s in results["scales"] if s["operator"]["restart"]["settleSeconds"] is None]
     if unsettled:
