@@ -412,7 +412,6 @@ def render_markdown(results: dict[str, Any]) -> str:
     model = setup["model"]
     config = model["config"]
     baseline = comparison["bestBaseline"]
-    ours = variants["kubetune"]
 
     throughput_rows = [
         [
@@ -517,9 +516,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 ],
                 throughput_rows,
             ),
-            f"kubetune's loss went from {ours['lossFirst']} to {ours['lossLast']} over the run."
-            if ours.get("lossFirst") is not None
-            else "",
+            throughput_notes(results),
             "\n### Cost of kubetune's callbacks and metrics exporter\n",
             markdown_table(["what", "cost", "share of a kubetune step"], callback_rows),
             "\n### Packing on the mixed-length set\n",
@@ -540,6 +537,33 @@ def render_markdown(results: dict[str, Any]) -> str:
             machine_markdown(results["machine"]),
         ]
     )
+
+
+def throughput_notes(results: dict[str, Any]) -> str:
+    """The same losses (the trainers trained the same thing) and how far repeats of one variant drift."""
+    variants = results["variants"]
+    losses = {
+        key: (v["lossFirst"], v["lossLast"])
+        for key, v in variants.items()
+        if key in ("kubetune", *BASELINES) and v.get("lossFirst") is not None
+    }
+    lines = []
+    if losses:
+        lines.append(
+            "Logged training loss, first → last: "
+            + "; ".join(f"{TITLES[k]} {first:.4f} → {last:.4f}" for k, (first, last) in losses.items())
+            + ". Losses this close show that the three trained the same batches with the same response-only "
+            "loss.\n"
+        )
+    spreads = {key: v["spread"] for key, v in variants.items() if len(v["tokensPerSecondRuns"]) > 1}
+    if spreads:
+        key = max(spreads, key=lambda k: spreads[k])
+        lines.append(
+            f"Runs of one variant differed by up to {spreads[key]:.0%} ({TITLES[key]}), with the load average "
+            "beside each run in the JSON: on this shared machine a ratio closer to 1 than a few percent is a "
+            "tie.\n"
+        )
+    return "\n".join(lines)
 
 
 def profile_markdown(results: dict[str, Any]) -> str:
