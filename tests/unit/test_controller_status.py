@@ -11,6 +11,7 @@ from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progres
 from kubetune.api.validation import FieldError
 from kubetune.controller.conditions import find_condition, set_condition
 from kubetune.controller.status import (
+    PEER_LOST_EXIT,
     Observed,
     classify_failure,
     classify_termination,
@@ -19,6 +20,7 @@ from kubetune.controller.status import (
     invalid_status,
 )
 from kubetune.render.pytorchjob import SPEC_HASH_ANNOTATION, spec_hash
+from kubetune_trainer.termination import EXIT_PEER_LOST
 from tests.builders import a_job
 
 T0 = "2026-01-01T00:00:00Z"
@@ -570,3 +572,216 @@ def test_a_restart_is_announced_with_the_failures_reason_and_the_end_with_the_sa
     ]
     end_events = transition_events(Transition(body={}, before=restarted, after=failed))
     assert [(kind, reason) for kind, reason, _ in end_events] == [("Warning", "OOMKilled")]
+
+
+# ------------------------------------------------------------------------- one lost node, one restart
+
+GLOO_PEER_GONE = "PeerLost: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:29500"
+
+
+def seconds_after(moment: str, seconds: int) -> str:
+    start = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    return (start + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def three_node_job(backoff_limit: int = 3) -> FineTuneJob:
+    manifest = (
+        a_job()
+        .with_uid()
+        .on(nodes=3, gpus=8)
+        .with_spec(runPolicy={"backoffLimit": backoff_limit})
+        .as_manifest()
+    )
+    manifest["metadata"]["generation"] = 1
+    return parse_job(manifest)
+
+
+def failed(name: str, uid: str, terminated: dict[str, Any], **pod: Any) -> dict[str, Any]:
+    """A failed pod of a replica, by name: demo-master-0, demo-worker-1..."""
+    return a_pod(name, name.split("-")[1], "Failed", uid=uid, terminated=terminated, **pod)
+
+
+def oom_killed(name: str, uid: str, at: str) -> dict[str, Any]:
+    not_ready = [{"type": "Ready", "status": "False", "lastTransitionTime": at}]
+    return failed(name, uid, {**OOM, "finishedAt": at}, conditions=not_ready)
+
+
+def peer_lost(name: str, uid: str, at: str) -> dict[str, Any]:
+    """A survivor whose collective failed because another node went away: the launcher exits 200."""
+    return failed(
+        name, uid, {"exitCode": 200, "reason": "Error", "message": GLOO_PEER_GONE, "finishedAt": at}
+    )
+
+
+def running(*pods: dict[str, Any], deleted: tuple[dict[str, Any], ...] = ()) -> Observed:
+    return Observed(a_pytorchjob("Created", "Running"), list(pods), deleted_pods=list(deleted))
+
+
+def node_loss(round_: int, at: str) -> list[dict[str, Any]]:
+    """worker-0 OOM-killed at `at`, the master and worker-1 exit PeerLost seconds later (new pods each round)."""
+    return [
+        oom_killed("demo-worker-0", f"w0-{round_}", at),
+        peer_lost("demo-master-0", f"m-{round_}", seconds_after(at, 3)),
+        peer_lost("demo-worker-1", f"w1-{round_}", seconds_after(at, 5)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason", "message"),
+    [
+        (200, "Error", GLOO_PEER_GONE),
+        (200, "Error", "PeerLost: NCCL communicator was aborted on rank 3: timed out"),
+        # The launcher's own exit when the rendezvous fails writes no line: the message is its log's tail.
+        (200, "Error", "rendezvous with the other nodes failed (DistStoreError: ...); exiting 200"),
+    ],
+)
+def test_a_trainer_that_exits_200_lost_a_peer(exit_code: int, reason: str, message: str) -> None:
+    assert classify_termination(exit_code, reason, message) is Reason.PEER_LOST
+
+
+def test_a_pod_whose_own_process_was_killed_is_oom_killed_even_if_another_of_its_processes_wrote_peer_lost() -> (
+    None
+):
+    assert classify_termination(137, "Error", GLOO_PEER_GONE) is Reason.OOM_KILLED
+
+
+def test_the_operator_reads_peer_lost_by_the_trainers_own_exit_code() -> None:
+    assert PEER_LOST_EXIT == EXIT_PEER_LOST
+
+
+def test_a_3_node_job_whose_worker_is_oom_killed_and_whose_peers_exit_peer_lost_counts_one_restart() -> None:
+    """The gang restarts once; users see the worker's OOMKilled (the restart's Warning event names
+    lastFailure), not the master's PeerLost."""
+    status = compute_status(three_node_job(), FineTuneJobStatus(), running(*node_loss(1, T1)), T1)
+
+    assert status.phase is Phase.RUNNING and status.restarts == 1
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.pod) == ("OOMKilled", "demo-worker-0")
+
+    restarting = Observed(a_pytorchjob("Created", "Restarting"), node_loss(1, T1))
+    status = compute_status(three_node_job(), status, restarting, T2)
+    assert "demo-worker-0 failed with OOMKilled" in (status.message or "")
+
+
+def test_the_same_failed_pods_seen_on_later_reconciles_count_nothing_new() -> None:
+    the_job = three_node_job()
+    pods = node_loss(1, T1)
+    status = compute_status(the_job, FineTuneJobStatus(), running(*pods), T1)
+    first = status
+    for now in (T2, T3):
+        status = compute_status(the_job, status, running(*pods), now)
+    assert status.restarts == 1 and status.last_failure == first.last_failure
+
+    # The training operator deletes them and creates the next round; the watch hands over their final state.
+    fresh = [a_pod("demo-master-0", uid="m-2"), a_pod("demo-worker-0", "worker", uid="w0-2")]
+    status = compute_status(the_job, status, running(*fresh, deleted=tuple(pods)), T4)
+    assert status.restarts == 1 and status.last_failure == first.last_failure
+
+
+def test_a_peer_lost_seen_before_its_cause_is_one_restart_and_the_cause_replaces_it() -> None:
+    """The master's failure is seen first; the OOM-killed worker's a moment later."""
+    the_job = three_node_job()
+    worker, master, other = node_loss(1, T1)
+    status = compute_status(the_job, FineTuneJobStatus(), running(master), T1)
+    assert status.restarts == 1 and status.last_failure is not None
+    assert status.last_failure.reason == "PeerLost"
+
+    status = compute_status(the_job, status, running(master, worker, other), T2)
+    assert status.restarts == 1
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.pod) == ("OOMKilled", "demo-worker-0")
+    assert compute_status(the_job, status, running(master, worker, other), T3) == status
+
+
+def test_a_lost_node_whose_pod_is_evicted_minutes_after_its_peers_exited_is_one_restart() -> None:
+    """The node stops answering at T1; its pod turns not-ready 40 s later and the taint evicts it 300 s after
+    that, while the master exited PeerLost at once and was already replaced."""
+    the_job = three_node_job()
+    master = peer_lost("demo-master-0", "m-1", seconds_after(T1, 2))
+    status = compute_status(
+        the_job, FineTuneJobStatus(), running(master, a_pod("demo-worker-0", "worker", uid="w0-1")), T1
+    )
+    assert status.restarts == 1
+
+    not_ready, evicted = seconds_after(T1, 40), seconds_after(T1, 340)
+    gone = a_pod(
+        "demo-worker-0",
+        "worker",
+        uid="w0-1",
+        conditions=[
+            {"type": "Ready", "status": "False", "lastTransitionTime": not_ready},
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "DeletionByTaintManager",
+                "message": "Taint manager: deleting due to NoExecute taint",
+                "lastTransitionTime": evicted,
+            },
+        ],
+    )
+    new_master = a_pod("demo-master-0", uid="m-2")
+    status = compute_status(the_job, status, running(new_master, gone), seconds_after(T1, 341))
+    assert status.restarts == 1
+    assert status.last_failure is not None
+    assert (status.last_failure.reason, status.last_failure.pod) == ("Preempted", "demo-worker-0")
+    again = compute_status(the_job, status, running(new_master, gone), seconds_after(T1, 350))
+    assert (again.restarts, again.last_failure) == (status.restarts, status.last_failure)
+
+
+def test_a_peer_lost_alone_still_counts_so_a_flapping_network_cannot_restart_a_job_forever() -> None:
+    """The master exits PeerLost every five minutes and no other pod is seen failing."""
+    the_job = three_node_job(backoff_limit=2)
+    status = FineTuneJobStatus()
+    for round_, at in enumerate((seconds_after(T1, 300 * n) for n in range(3)), start=1):
+        master = peer_lost("demo-master-0", f"m-{round_}", at)
+        status = compute_status(
+            the_job, status, running(master, a_pod("demo-worker-0", "worker", uid="w0")), at
+        )
+
+    assert status.phase is Phase.FAILED
+    assert conditions_of(status)["Failed"] == ("True", Reason.PEER_LOST)
+    assert "backoff limit reached after 2 restart(s)" in (status.message or "")
+
+
+def test_peers_that_exit_peer_lost_together_with_no_cause_in_sight_are_one_restart() -> None:
+    pods = [peer_lost("demo-master-0", "m", T1), peer_lost("demo-worker-1", "w1", seconds_after(T1, 4))]
+    status = compute_status(three_node_job(), FineTuneJobStatus(), running(*pods), T1)
+    assert status.restarts == 1
+    assert status.last_failure is not None and status.last_failure.pod == "demo-master-0"
+
+
+def test_a_peer_lost_long_after_the_last_failure_is_a_new_restart() -> None:
+    pods = [oom_killed("demo-worker-0", "w0", T1), peer_lost("demo-master-0", "m", T4)]
+    status = compute_status(three_node_job(), FineTuneJobStatus(), running(*pods), T4)
+    assert status.restarts == 2
+    assert status.last_failure is not None and status.last_failure.reason == "PeerLost"
+
+
+def test_a_3_node_job_with_the_default_backoff_limit_survives_three_lost_nodes_and_fails_on_the_fourth() -> (
+    None
+):
+    """Counting every pod, the first lost node would have cost three restarts and the second ended the job.
+    A node is lost every ten minutes."""
+    the_job = three_node_job()
+    status = FineTuneJobStatus()
+    losses = [seconds_after(T1, 600 * n) for n in range(4)]
+    for round_, at in enumerate(losses[:3], start=1):
+        status = compute_status(the_job, status, running(*node_loss(round_, at)), at)
+        assert status.phase is Phase.RUNNING and status.restarts == round_
+
+    status = compute_status(the_job, status, running(*node_loss(4, losses[3])), losses[3])
+    assert status.phase is Phase.FAILED and status.restarts == 3
+    assert conditions_of(status)["Failed"] == ("True", Reason.OOM_KILLED)
+    ended = find_condition(status.conditions, "Failed")
+    assert ended is not None and "pod demo-worker-0 failed with OOMKilled" in ended.message
+    assert "backoff limit reached after 3 restart(s)" in ended.message
+    assert status.last_failure is not None and status.last_failure.pod_uid == "w0-4"
+
+
+def test_a_failed_job_names_the_workers_error_not_the_masters_peer_lost() -> None:
+    master = peer_lost("demo-master-0", "m", seconds_after(T1, 3))
+    bad_row = {"exitCode": 1, "message": "InvalidDataset: row 7 has no 'output'", "finishedAt": T1}
+    worker = failed("demo-worker-0", "w0", bad_row)
+    failure = classify_failure(failed_with(master, worker))
+    assert failure.reason is Reason.TRAINER_ERROR and "InvalidDataset" in failure.message
+    assert classify_failure(failed_with(master)).reason is Reason.PEER_LOST

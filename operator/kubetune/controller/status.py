@@ -6,14 +6,15 @@ Nothing here talks to the API server. The handlers read the PyTorchJob and the p
 Pods do not last: the training operator deletes a failed pod to restart it, and with it the evidence of
 why it failed and how long it ran. So the status keeps what outlives them: `lastFailure`, `restarts`
 (also the count that enforces spec.runPolicy.backoffLimit, which the training operator does not apply
-to pods it recreates) and `gpuSecondsOfDeletedPods`.
+to pods it recreates; one lost node is one restart, see `record_failures`) and `gpuSecondsOfDeletedPods`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -124,18 +125,27 @@ STORAGE_AUTH = re.compile(
 )
 SIGKILL_EXIT = 137
 SIGBUS_EXIT = 135
+PEER_LOST_EXIT = 200
+"""The trainer's exit code when another node of the job went away (kubetune_trainer.termination.EXIT_PEER_LOST;
+the control plane does not import the trainer, a unit test keeps the two equal). Only that code is 200: a signal
+gives at most 128 + 64."""
 
 
 def classify_termination(exit_code: int | None, reason: str, message: str) -> Reason:
     """The failure reason of one terminated container from its exit code, reason and termination message.
 
     The trainer writes `Reason: message` lines; a reason word it shares with the API is taken as it is.
+    `PeerLost` goes by the exit code alone: the launcher also exits 200 when the rendezvous with the other
+    nodes fails, and then the message is the tail of its log; and a pod whose own process was killed (137)
+    may still hold a `PeerLost:` line that another of its processes wrote first.
     """
     word = message.split(":", 1)[0].strip() if ":" in message else ""
     if word in (Reason.INSUFFICIENT_GPU_MEMORY, Reason.STORAGE_AUTH_FAILED, Reason.NCCL_TIMEOUT):
         return Reason(word)
     if reason == "OOMKilled":
         return Reason.OOM_KILLED
+    if exit_code == PEER_LOST_EXIT:
+        return Reason.PEER_LOST
     if NCCL_TIMEOUT.search(message):
         return Reason.NCCL_TIMEOUT
     if STORAGE_AUTH.search(message):
@@ -240,6 +250,15 @@ class PodFailure:
     retryable: bool
     """Whether the training operator replaces the pod (restartPolicy ExitCode: exit codes 128 and up, or
     no exit code at all, as for an evicted pod)."""
+    down_since: str = ""
+    """When the pod stopped working, if before `time`: its Ready condition turned False. A pod on a lost
+    node is evicted minutes after its node stopped answering (the taint's 300 s toleration), and the other
+    nodes exited PeerLost when it stopped, not when it was evicted."""
+
+    @property
+    def peer_lost(self) -> bool:
+        """The pod exited because another node of the job went away: a consequence, not a cause."""
+        return self.reason is Reason.PEER_LOST
 
     def key(self) -> tuple[str, str]:
         """Failures are counted in this order, each once (RFC 3339 in UTC sorts as text)."""
@@ -266,8 +285,25 @@ def _timestamp(value: object, default: str) -> str:
     return rfc3339(moment) if moment is not None else default
 
 
+def _not_ready_since(pod: Manifest) -> str | None:
+    """When the pod's Ready condition turned False, if it is False."""
+    for item in (pod.get("status") or {}).get("conditions") or []:
+        if item.get("type") == "Ready" and item.get("status") == "False" and item.get("lastTransitionTime"):
+            return _timestamp(item["lastTransitionTime"], "")
+    return None
+
+
 def pod_failure(pod: Manifest, now: str) -> PodFailure | None:
     """How the pod failed, or None when it did not (a pod stopped because it was deleted did not fail)."""
+    failure = _pod_failure(pod, now)
+    if failure is None:
+        return None
+    not_ready = _not_ready_since(pod)
+    down_since = min(not_ready, failure.time) if not_ready else failure.time  # RFC 3339 in UTC sorts as text
+    return replace(failure, down_since=down_since)
+
+
+def _pod_failure(pod: Manifest, now: str) -> PodFailure | None:
     name, uid = pod_name(pod), pod_uid(pod)
     container = trainer_status(pod) or {}
     terminated = (container.get("state") or {}).get("terminated") or {}
@@ -313,10 +349,27 @@ class FailureRecord:
     backoff_exhausted: bool = False
 
 
+INCIDENT_WINDOW = timedelta(seconds=120)
+"""How far apart, by failure time, a PeerLost and the failure that caused it may lie."""
+
+
+def _within_incident(moment: str, since: str, until: str) -> bool:
+    """Whether `moment` lies within INCIDENT_WINDOW of the span [since, until] of one pod's failure."""
+    at, start, end = parse_time(moment), parse_time(since), parse_time(until)
+    if at is None or start is None or end is None:
+        return False
+    return start - INCIDENT_WINDOW <= at <= end + INCIDENT_WINDOW
+
+
+def _is_peer_lost(failure: LastFailure) -> bool:
+    return failure.reason == Reason.PEER_LOST
+
+
 def record_failures(
     current: FineTuneJobStatus, pods: Iterable[Manifest], backoff_limit: int, restartable: bool, now: str
 ) -> FailureRecord:
-    """Count each new pod failure once, oldest first, against spec.runPolicy.backoffLimit.
+    """Count each new pod failure once, oldest first, against spec.runPolicy.backoffLimit; one lost node
+    costs one restart.
 
     A failure is new when it is later than status.lastFailure (by time, then pod UID) and not of the same
     pod (a pod fails once: the training operator replaces it), so a failed pod seen again on the next
@@ -324,14 +377,58 @@ def record_failures(
     exhausts the limit. The training operator (v1.9) counts restarts only from container restart counts,
     which stay 0 for the pods it deletes and recreates under restartPolicy ExitCode, so without this count
     an OOM-killed trainer would be restarted forever.
+
+    When one node of an N-node job goes away, the trainers on the other nodes exit PeerLost (200): their
+    collective or rendezvous failed because of it. The whole gang restarts once, so that is one restart:
+
+    - A PeerLost whose failure time lies within INCIDENT_WINDOW (either side) of status.lastFailure, a
+      failure of another pod, is its consequence: it is not counted, and lastFailure keeps the cause, the
+      reason users and the Warning event see. It is judged the same way on every reconcile (lastFailure does
+      not move for it), and one past the window counts again.
+    - A PeerLost with no such failure in sight counts like any other failure and becomes lastFailure:
+      a flapping network restarts the job at most backoffLimit times. Further PeerLosts of other pods within
+      the window of it are part of the same restart.
+    - A failure other than PeerLost whose span (from when its pod stopped being ready to when it failed)
+      lies within the window of a PeerLost recorded as lastFailure is the cause of that restart: it
+      replaces lastFailure and is not counted again. It may fail before the PeerLost and be seen after it,
+      or fail minutes after it (a lost node's pod turns not-ready some 40 s after its node stopped
+      answering and is evicted 300 s later, while the other nodes exit PeerLost at once).
+
+    Why it stays a count of each failure once: lastFailure (its time and pod UID) is the mark that every
+    reconcile judges the same pods against, and it moves only when a failure is counted or replaces a
+    PeerLost as its cause; an absorbed PeerLost leaves it where it is, and is absorbed again next time.
+    Two failures that are not PeerLost always count twice (two pods OOM-killed together), and only a
+    counted PeerLost is replaced by its cause, so every restart stays paid for. What it costs: a real
+    failure of another pod within the window of a counted PeerLost is taken for its cause (one restart
+    fewer); and when a PeerLost is recorded before a cause that failed earlier, a second PeerLost between
+    the window of the first and the window of the cause is counted once the cause is seen.
     """
     restarts, last = current.restarts or 0, current.last_failure
     seen = (last.time or "", last.pod_uid or "") if last is not None else None
     exhausted = False
     failures = sorted((f for pod in pods if (f := pod_failure(pod, now)) is not None), key=PodFailure.key)
     for failure in failures:
-        if seen is not None and (failure.key() <= seen or (last is not None and failure.uid == last.pod_uid)):
+        if last is not None and failure.uid == last.pod_uid:
             continue
+        cause_of_last = (
+            last is not None
+            and last.time is not None
+            and _is_peer_lost(last)
+            and not failure.peer_lost
+            and _within_incident(last.time, failure.down_since or failure.time, failure.time)
+        )
+        if cause_of_last:
+            last, seen = failure.as_status(), failure.key()  # the restart was counted for its PeerLost
+            continue
+        if seen is not None and failure.key() <= seen:
+            continue
+        if (
+            failure.peer_lost
+            and last is not None
+            and last.time is not None
+            and _within_incident(failure.time, last.time, last.time)
+        ):
+            continue  # a consequence of the failure recorded: no restart, lastFailure keeps the cause
         if failure.retryable and restartable:
             if restarts < backoff_limit:
                 restarts += 1
@@ -366,7 +463,8 @@ def backoff_message(record: FailureRecord, backoff_limit: int) -> str:
 def classify_failure(observed: Observed, last: LastFailure | None = None) -> Failure:
     """Why a failed PyTorchJob failed, from the most specific evidence to the least.
 
-    Pods still there speak first; then `last`, the failure status kept from a pod already replaced; a bare
+    Pods still there speak first (a pod that exited PeerLost only after the others: it names the node that
+    went away, not why); then `last`, the failure status kept from a pod already replaced; a bare
     backoff-limit message from the training operator is the last resort.
     """
     job_message = _condition_message(observed.pytorchjob, "Failed")
@@ -379,10 +477,13 @@ def classify_failure(observed: Observed, last: LastFailure | None = None) -> Fai
             return Failure(Reason.PREEMPTED, disrupted)
     if lost := lost_pods(observed):
         return Failure(Reason.NODE_LOST, "; ".join(lost))
-    terminations = failed_terminations(pods)
-    if terminations:
-        first = terminations[0]
-        reason = classify_termination(first.exit_code, first.reason, first.message)
+    classified = [
+        (t, classify_termination(t.exit_code, t.reason, t.message)) for t in failed_terminations(pods)
+    ]
+    if classified:
+        first, reason = next(
+            ((t, reason) for t, reason in classified if reason is not Reason.PEER_LOST), classified[0]
+        )
         detail = first.message or first.reason or "no termination message"
         message = f"{detail} (pod {first.pod}, exit code {first.exit_code})"
         if backoff:

@@ -622,7 +622,7 @@ class RunPolicySpec(ApiModel):
     """Retries, deadlines, clean-up and suspension (passed to the PyTorchJob)."""
 
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
-    """Pod restarts after retryable failures (OOM-kill, preemption) before the job fails."""
+    """Restarts after retryable failures (OOM-kill, preemption, a lost node) before the job fails; one lost node is one restart, however many nodes the job has."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     """Fail the job when it runs longer than this."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None

@@ -47,6 +47,7 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     NODE_LOST = "NodeLost"
+    PEER_LOST = "PeerLost"
     TRAINER_ERROR = "TrainerError"
 
 
@@ -119,7 +120,7 @@ class LastFailure(ApiModel):
     """One failure of a trainer pod as the operator saw it, kept after the pod is gone."""
 
     reason: Annotated[str, Field(max_length=1024)]
-    """Why it failed: OOMKilled, NCCLTimeout, Preempted, TrainerError..."""
+    """Why it failed: OOMKilled, NCCLTimeout, Preempted, PeerLost (another node of the job went away), TrainerError..."""
     message: Annotated[str, Field(max_length=4096)] = ""
     """The trainer's termination message (or the pod's, when it was evicted)."""
     pod: Annotated[str, Field(max_length=253)]
@@ -158,9 +159,9 @@ class FineTuneJobStatus(ApiModel):
     gpu_seconds_of_deleted_pods: float | None = None
     """The part of gpuSeconds spent by pods that no longer exist (replaced after a failure, stopped by a suspend)."""
     restarts: Annotated[int, Field(ge=0)] | None = None
-    """How many times a failed trainer pod was replaced; spec.runPolicy.backoffLimit caps it."""
+    """How many times the job restarted after a retryable failure; spec.runPolicy.backoffLimit caps it. One lost node is one restart: the other nodes' pods that exit PeerLost with it are not counted again."""
     last_failure: LastFailure | None = None
-    """The newest failure of a trainer pod, kept after the pod is gone."""
+    """The newest failure of a trainer pod, kept after the pod is gone; a PeerLost (another node went away) does not replace the failure that caused it."""
     start_time: str | None = None
     """When the first pod started running."""
     completion_time: str | None = None
