@@ -97,7 +97,7 @@ PODS_PER_NODE = 250
 PROGRESS_INTERVAL_S = 30.0  # the operator's default: one timer resync per unfinished job every 30 s
 QUICK_PROGRESS_INTERVAL_S = 5.0
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
-RESTART_KINDS = ("FineTuneJob", "PyTorchJob", "Pod", "Progress")
+RESTART_EVENT_KINDS = ("FineTuneJob", "PyTorchJob", "Pod")
 
 TARGETS = {
     "hopP99Seconds": 0.5,
@@ -569,6 +569,15 @@ def wait_for_count(arrivals: Arrivals, moment: str, count: int, deadline: float)
 
 
 @dataclass
+class Progress:
+    """How far a (re)started operator has got, by its own metrics."""
+
+    reconciles: float = 0.0
+    events: collections.Counter[str] = field(default_factory=collections.Counter)
+    queued: float = 0.0
+
+
+@dataclass
 class Sample:
     at: float
     rss_mib: float
@@ -641,17 +650,20 @@ class OperatorProcess:
     def cpu_seconds(self) -> float:
         return self.samples[-1].cpu_seconds if self.samples else 0.0
 
-    def reconciles(self) -> dict[str, float]:
-        """kubetune_operator_reconciles_total by kind (successes and errors), from the operator's /metrics."""
+    def progress(self) -> Progress:
+        """Reconciles, watch events by kind and the queue's depth, from the operator's /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
             text = response.read().decode()
-        counts: dict[str, float] = collections.defaultdict(float)
+        found = Progress()
         for family in text_string_to_metric_families(text):
-            if family.name == "kubetune_operator_reconciles":
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        counts[sample.labels["kind"]] += sample.value
-        return dict(counts)
+            for sample in family.samples:
+                if family.name == "kubetune_operator_reconciles" and sample.name.endswith("_total"):
+                    found.reconciles += sample.value
+                elif family.name == "kubetune_operator_watch_events" and sample.name.endswith("_total"):
+                    found.events[sample.labels["kind"]] += int(sample.value)
+                elif family.name == "kubetune_operator_queue_depth":
+                    found.queued = sample.value
+        return found
 
     def stop(self) -> None:
         if self.popen is None or self.process is None:
@@ -1072,12 +1084,17 @@ def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
 
 
 def _wait_settled(operator: OperatorProcess, jobs: int, timeout: float) -> float | None:
-    """Seconds from the process start until every job was resumed and its PyTorchJob, pod and timer handled."""
+    """Seconds from the process start until the initial lists of FineTuneJobs, PyTorchJobs and pods have
+    arrived, every job has been reconciled, and nothing waits in the queue."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            counts = operator.reconciles()
-            if all(counts.get(kind, 0) >= jobs for kind in RESTART_KINDS):
+            seen = operator.progress()
+            if (
+                all(seen.events[kind] >= jobs for kind in RESTART_EVENT_KINDS)
+                and seen.reconciles >= jobs
+                and seen.queued == 0
+            ):
                 return time.monotonic() - operator.started_at
         time.sleep(0.1)
     log(f"the restarted operator did not settle within {timeout:.0f} s")
@@ -1608,38 +1625,36 @@ def findings(results: dict[str, Any]) -> list[str]:
         f"**CPU per job** ({jobs} jobs). The create wave cost the operator {wave_cpu:.0f} CPU seconds, "
         f"{per_job_cpu * 1000:.0f} ms "
         f"per job, for {reads['perJob']:.0f} reads and {writes['create']['perJob'] + writes['statusChange']['perJob']:.1f} "
-        f"writes per job. Every event of a job's PyTorchJob and pod, and every timer tick, runs a full status "
-        f"refresh (get the FineTuneJob, get the PyTorchJob, list the pods, get each pod's node): "
-        + ", ".join(f"`{kind}` {count}" for kind, count in list(reads["byKind"].items())[:4])
-        + f" per job. On {cores} shared cores, with the API server, etcd and the training operator beside it, "
-        "that CPU is what sets the pace."
+        "writes per job. Reads per job: "
+        + (", ".join(f"`{kind}` {count}" for kind, count in list(reads["byKind"].items())[:4]) or "none")
+        + f". On {cores} shared cores the API server, etcd, the scheduler and the training operator run beside it."
     )
     steady_cpu = ours.get("steadyCpuSeconds")
     if steady_cpu is not None:
         window = interval + 5
         said.append(
-            f"**The timer resync is not free.** With {jobs} Running jobs the operator used {steady_cpu:.1f} CPU "
-            f"seconds in {window:.0f} s ({steady_cpu / window:.2f} cores) doing nothing but its per-job timers, and "
-            f"each tick writes status ({writes['resync']['perJob']} writes per job in the window, "
-            + ", ".join(f"`{k}`" for k in writes["resync"]["byKind"])
-            + "): `status.gpuSeconds` grows with wall time, and a tick writes it even when nothing else changed. "
-            "CPU and writes grow linearly with jobs / interval."
+            f"**Resync.** With {jobs} Running jobs and nothing changing, one resync of every job cost "
+            f"{steady_cpu:.1f} CPU seconds in the {window:.0f} s window ({steady_cpu / window:.2f} cores) and "
+            f"{writes['resync']['perJob']} writes per job"
+            + (
+                ": " + ", ".join(f"`{k}` {v}" for k, v in writes["resync"]["byKind"].items())
+                if writes["resync"]["byKind"]
+                else ""
+            )
+            + "."
         )
     create = writes["create"]
     said.append(
         f"**Writes on create: {create['perJob']} per job** ({create['refusedPerJob']} of them refused): "
         + ", ".join(f"`{k}` {v}" for k, v in create["byKind"].items())
-        + ". The least a job costs is kopf's bookkeeping (finalizer, last-handled annotation) two, the children "
-        "two, an event one, a status patch one. Above that: status patches from the create handler, the first "
-        "timer tick and each PyTorchJob and pod event, racing refreshes that lose with 409 Conflict, and under "
-        "load handler runs that failed and were retried, whose creates of existing children are refused (409) "
-        "and whose annotation patch is written again."
+        + ". The least a job can cost is its ConfigMap, its PyTorchJob and the status patch that makes it "
+        "Pending: three."
     )
     unsettled = [s["jobs"] for s in results["scales"] if s["operator"]["restart"]["settleSeconds"] is None]
     if unsettled:
         said.append(
             f"**Restart** with {', '.join(map(str, unsettled))} jobs present did not settle within the phase's "
-            "limit (every job resumed and its PyTorchJob, pod and timer handled once)."
+            "limit (initial lists received, every job reconciled, nothing queued)."
         )
     restart = ours["restart"]
     if restart["settleSeconds"] is not None:
@@ -1647,11 +1662,16 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"**Restart** ({jobs} jobs). {_fmt(restart['settleSeconds'])} from the process start "
             f"({_fmt(restart.get('settleAfterFirstRequestSeconds'))} from its first request) against "
             f"{_fmt(restart['rawListSeconds'])} for a raw list in a running process and "
-            f"{_fmt(restart.get('kubectlListSeconds'))} for `kubectl get` of the same objects. A restarted operator "
-            f"does not just list: it re-runs the reconcile of every job ({writes['restart']['perJob']} writes per "
-            f"job, {writes['restart']['refusedPerJob']} of them refused creates of children that exist: "
-            "create-or-adopt tries the create first), its first timer tick, and a refresh for each PyTorchJob and "
-            f"pod event of the initial lists: {ours['reads']['restart']['perJob']:.0f} reads per job."
+            f"{_fmt(restart.get('kubectlListSeconds'))} for `kubectl get` of the same objects. Besides its lists, "
+            f"the restarted operator reconciled every job: {writes['restart']['perJob']} writes per job "
+            f"({writes['restart']['refusedPerJob']} refused), {ours['reads']['restart']['perJob']:.1f} reads per job"
+            + (
+                ": "
+                + ", ".join(f"`{k}` {v}" for k, v in list(ours["reads"]["restart"]["byKind"].items())[:3])
+                if ours["reads"]["restart"]["byKind"]
+                else ""
+            )
+            + "."
         )
     largest = results["scales"][-1]
     jobs, rss = largest["jobs"], largest["operator"]["process"]["peakRssMiB"]
@@ -1720,8 +1740,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "### Memory, CPU and restart\n",
             resources_table(results),
             "The raw list is the best of three lists of all FineTuneJobs, our PyTorchJobs and our pods by the "
-            "kubernetes client (JSON parsed). The restart settles when every job has been resumed and its "
-            "PyTorchJob, pod and timer handled once (the operator's reconcile counters); it counts from the "
+            "kubernetes client (JSON parsed). The restart settles when the operator has received the initial lists "
+            "of FineTuneJobs, PyTorchJobs and pods, reconciled every job and has nothing queued (its own metrics); "
+            "it counts from the "
             "process start, and again from the operator's first API request (after Python imports).\n",
             "### Profile\n",
             profile_section(results),

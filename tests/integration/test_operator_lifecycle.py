@@ -532,6 +532,33 @@ def test_deleting_the_job_removes_its_pytorchjob_and_configmap(cluster: Cluster,
     assert not exists(lambda: read(cluster, namespace, name))
 
 
+def test_the_operator_leaves_no_finalizer_and_lifts_the_one_earlier_versions_left(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """A job from before the upgrade carries `kubetune.io/finalizer`; nothing needs it now, and a job whose
+    finalizer nobody lifts could never be deleted."""
+    namespace = operator.namespace
+    create(cluster, a_manifest("new-job", namespace, suspend=True))
+    fresh = wait_for_phase(cluster, namespace, "new-job", "Suspended")
+    assert not fresh["metadata"].get("finalizers"), fresh["metadata"]
+    assert not [key for key in fresh["metadata"].get("annotations") or {} if key.startswith("kubetune.io/")]
+
+    old = a_manifest("from-before", namespace, suspend=True)
+    old["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
+    create(cluster, old)
+    wait_for(
+        lambda: not read(cluster, namespace, "from-before")["metadata"].get("finalizers"),
+        timeout=30,
+        description="the old finalizer to be lifted",
+    )
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "from-before")
+    wait_for(
+        lambda: not exists(lambda: read(cluster, namespace, "from-before")),
+        timeout=30,
+        description="the job to be deleted",
+    )
+
+
 def test_no_secret_value_reaches_any_object_event_or_log(cluster: Cluster, operator: Operator) -> None:
     namespace, name = operator.namespace, "with-credentials"
     secret_value = "kt-" + os.urandom(12).hex()

@@ -59,7 +59,7 @@ The operator's namespaced permissions: one list of rules, used by the ClusterRol
 Role in each watched namespace in namespaced mode. Each rule names what the operator does with it.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs: watch them, add kopf's finalizer and progress annotations (patch/update).
+# FineTuneJobs: watch them; patch/update only to lift the finalizer earlier versions put on each job.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch", "update"]

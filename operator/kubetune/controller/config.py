@@ -27,6 +27,8 @@ class OperatorConfig(BaseSettings):
     """KUBETUNE_PROGRESS_INTERVAL_SECONDS: how often a running job's progress is read from its trainer."""
     progress_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     """KUBETUNE_PROGRESS_TIMEOUT_SECONDS: how long one read of a trainer's /metrics may take."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 8
+    """KUBETUNE_WORKERS: how many jobs are reconciled at once (each waits on the API server most of the time)."""
     progress_host: str | None = None
     """KUBETUNE_PROGRESS_HOST: read progress from this host instead of the master pod's IP.
 

@@ -1,21 +1,19 @@
-"""The kopf handlers: thin wiring from watch events to `kube.Kube` and the pure status machine.
+"""The kopf handlers: watch events in, the reconciler's store and queue fed; nothing else.
 
-- FineTuneJob created, resumed after a restart, or updated: validate, create or adopt the children,
-  match suspend, write status.
-- PyTorchJob or pod of ours changed (watched, not polled): recompute the owning job's status.
-- A timer per unfinished FineTuneJob: read the trainer's progress while it runs, and resync the rest.
+kopf supplies the watches (lists, reconnects, resourceVersions, server-side label selectors) and the
+liveness endpoint. The reconcile itself runs in `reconciler.Reconciler`'s workers, one job at a time, from
+what the watches delivered (see reconciler.py for why not in kopf's per-object handlers).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
-from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
-from kubetune.api.validation import validate_manifest
+from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
 from kubetune.controller import metrics
 from kubetune.controller.config import OperatorConfig
 from kubetune.controller.kube import (
@@ -23,119 +21,67 @@ from kubetune.controller.kube import (
     PYTORCHJOB_PLURAL,
     PYTORCHJOB_VERSION,
     Kube,
-    Transition,
-    has_ended,
     new_api_client,
-    transition_events,
-    without_status,
 )
-from kubetune.render.labels import JOB_NAME, MANAGED_BY
+from kubetune.controller.reconciler import Reconciler
+from kubetune.render.labels import MANAGED_BY
 
 SETTINGS = OperatorConfig()
-STATE_PREFIX = "kubetune.io"
 FINALIZER = "kubetune.io/finalizer"
 OURS = {MANAGED_BY: "kubetune"}
-TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+OURS_SELECTOR = f"{MANAGED_BY}=kubetune"
 
-_kube: Kube | None = None
+_reconciler: Reconciler | None = None
 _phases: dict[str, str | None] = {}
 
 
-def kube() -> Kube:
-    if _kube is None:
+def reconciler() -> Reconciler:
+    if _reconciler is None:
         raise kopf.TemporaryError("the operator is still starting", delay=1)
-    return _kube
+    return _reconciler
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
-    """Every kopf setting in one place."""
-    global _kube
-    # kopf's own bookkeeping lives in annotations of our group, never in status (the schema would prune it).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=STATE_PREFIX, key="last-handled-configuration"
-    )
-    # Children are removed by the garbage collector through owner references, so no handler needs a
-    # finalizer; kopf puts this one on only to stop a job's progress timer before the job goes away.
+    """Every kopf setting in one place; then the reconciler's workers start."""
+    global _reconciler
+    # Earlier versions had kopf put this finalizer on every job (for a per-job timer). Nothing needs it now,
+    # and kopf lifts a finalizer of this name from each job it sees when no handler requires it.
     settings.persistence.finalizer = FINALIZER
-    # Events are posted on purpose (phase changes, stalls); handler chatter stays in the log.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    # Only our own PyTorchJobs and pods, filtered by the API server: a cluster's other pods never reach us.
+    settings.watching.label_selectors["v1", "pods"] = OURS_SELECTOR
+    settings.watching.label_selectors[PYTORCHJOB_GROUP, PYTORCHJOB_PLURAL] = OURS_SELECTOR
     if SETTINGS.namespaces:
         # Namespaced mode: the chart grants no cluster-wide list of namespaces, and kopf's scan for them
         # retries that forbidden call for about a minute before it watches the named namespaces (at every
         # start and leader change). The names are exact, so nothing needs scanning; the cost is that a CRD
         # installed after the operator started is seen at its next restart.
         settings.scanning.disabled = True
-    _kube = Kube(api_client=new_api_client(), settings=SETTINGS)
+    kube = Kube(api_client=new_api_client(), settings=SETTINGS)
+    kube.warm_up()
+    _reconciler = Reconciler(kube, SETTINGS)
+    _reconciler.start()
     if SETTINGS.metrics_port:
         start_http_server(SETTINGS.metrics_port, registry=metrics.REGISTRY)
     logger.info(
-        f"kubetune operator: namespaces={list(SETTINGS.namespaces) or 'all'} "
+        f"kubetune operator: namespaces={list(SETTINGS.namespaces) or 'all'} workers={SETTINGS.workers} "
         f"metrics_port={SETTINGS.metrics_port} progress_interval={SETTINGS.progress_interval_seconds}s"
     )
 
 
-def post_events(change: Transition | None) -> None:
-    """Events go out after the status write they describe."""
-    if change is None:
-        return
-    for event_type, reason, message in transition_events(change):
-        kopf.event(cast(kopf.Body, change.body), type=event_type, reason=reason, message=message)
-
-
-# A failed reconcile (API server hiccup, a webhook not ready) is retried in seconds, not kopf's default minute.
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
-@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
-@kopf.on.update(GROUP, VERSION, PLURAL, backoff=5)
-def reconcile_job(body: kopf.Body, name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """Validate; create or adopt the ConfigMap and PyTorchJob; match suspend; write status."""
-    with metrics.reconcile("FineTuneJob"):
-        job, errors = validate_manifest(without_status(dict(body)))
-        if job is None:
-            logger.warning(f"invalid spec: {'; '.join(str(e) for e in errors)}")
-        elif not has_ended(body):
-            kube().ensure_children(job)
-        post_events(kube().refresh_status(namespace, name, logger=logger))
-
-
-def _owner(labels: kopf.Labels) -> str | None:
-    return labels.get(JOB_NAME)
-
-
-@kopf.on.event(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL, labels=OURS)
-def pytorchjob_changed(labels: kopf.Labels, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """The PyTorchJob moved: follow it."""
-    if job_name := _owner(labels):
-        with metrics.reconcile("PyTorchJob"):
-            post_events(kube().refresh_status(namespace, job_name, logger=logger))
-
-
-@kopf.on.event("", "v1", "pods", labels=OURS)
-def pod_changed(
-    event: kopf.RawEvent,
-    body: kopf.Body,
-    labels: kopf.Labels,
-    namespace: str | None,
-    logger: kopf.Logger,
-    **_: Any,
-) -> None:
-    """A pod started, ended, was disrupted or deleted: its termination message may explain a failure.
-
-    A deleted pod (the training operator replaces a failed one) is passed on in its final state, the
-    last word on how long it ran and why it failed.
-    """
-    if job_name := _owner(labels):
-        deleted = dict(body) if event.get("type") == "DELETED" else None
-        with metrics.reconcile("Pod"):
-            post_events(kube().refresh_status(namespace, job_name, logger=logger, deleted_pod=deleted))
+@kopf.on.cleanup()
+def stop_workers(**_: Any) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
-    """Keeps the FineTuneJobs-by-phase gauge."""
+async def finetunejob_changed(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+    """Store the job, queue it, and keep the FineTuneJobs-by-phase gauge."""
+    body = event["object"]
+    reconciler().job_event(event.get("type"), body)
     key = f"{namespace}/{name}"
     if event.get("type") == "DELETED":
         _phases.pop(key, None)
@@ -144,16 +90,13 @@ def count_phases(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, n
     metrics.set_job_phases(_phases)
 
 
-def _unfinished(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL
+@kopf.on.event(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL, labels=OURS)
+async def pytorchjob_changed(event: kopf.RawEvent, **_: Any) -> None:
+    reconciler().pytorchjob_event(event.get("type"), event["object"])
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.progress_interval_seconds, when=_unfinished)
-def follow_progress(body: kopf.Body, name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
-    """While running, read the trainer's progress; in every phase, resync status (missed events, lost nodes)."""
-    with metrics.reconcile("Progress"):
-        job, _errors = validate_manifest(without_status(dict(body)))
-        progress = None
-        if job is not None and (body.get("status") or {}).get("phase") == Phase.RUNNING.value:
-            progress = kube().read_progress(job, kube().observe(job))
-        post_events(kube().refresh_status(namespace, name, progress=progress, tick=True, logger=logger))
+@kopf.on.event("", "v1", "pods", labels=OURS)
+async def pod_changed(event: kopf.RawEvent, **_: Any) -> None:
+    """A deleted pod (the training operator replaces a failed one) is kept in its final state until a
+    reconcile has banked how long it ran and why it failed."""
+    reconciler().pod_event(event.get("type"), event["object"])

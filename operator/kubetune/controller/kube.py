@@ -1,16 +1,20 @@
-"""The side of the operator that talks to the API server: read children, create or adopt them, write status.
+"""The side of the operator that talks to the API server: create or adopt children, write status, post events.
 
-Every function here is idempotent: it reads what is there before it acts, so a retry or an operator restart
-at any point converges on exactly one ConfigMap and one PyTorchJob per FineTuneJob.
+Reads of a job's children come from the watches (see store.py); this module reads only what a watch cannot
+have yet. Every write is idempotent or conditional, so a retry or an operator restart at any point converges
+on exactly one ConfigMap and one PyTorchJob per FineTuneJob.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
@@ -20,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.v1alpha1 import (
     GROUP,
+    KIND,
     PLURAL,
     VERSION,
     ConditionType,
@@ -28,22 +33,14 @@ from kubetune.api.v1alpha1 import (
     Phase,
     Progress,
 )
-from kubetune.api.validation import validate_manifest
 from kubetune.controller.conditions import find_condition, utc_now
 from kubetune.controller.config import OperatorConfig
-from kubetune.controller.pods import is_master, pod_uid
+from kubetune.controller.pods import is_master
 from kubetune.controller.progress import parse_progress
-from kubetune.controller.status import (
-    TERMINAL_PHASES,
-    JobState,
-    Observed,
-    compute_status,
-    describe_failure,
-    invalid_status,
-    pytorchjob_state,
-)
+from kubetune.controller.status import Observed, describe_failure
+from kubetune.controller.store import Children
 from kubetune.render import build_all
-from kubetune.render.labels import JOB_NAME, MANAGED_BY
+from kubetune.render.labels import JOB_NAME, MANAGED_BY, owner_references, pytorchjob_name
 
 Manifest = dict[str, Any]
 
@@ -52,7 +49,9 @@ PYTORCHJOB_VERSION = "v1"
 PYTORCHJOB_PLURAL = "pytorchjobs"
 CONFLICT = 409
 NOT_FOUND = 404
-STATUS_WRITE_ATTEMPTS = 5
+NODE_READY_TTL_SECONDS = 10.0
+EVENT_SOURCE = "kubetune-operator"
+MAX_EVENT_MESSAGE = 1024
 
 
 def new_api_client() -> client.ApiClient:
@@ -62,10 +61,6 @@ def new_api_client() -> client.ApiClient:
         return client.ApiClient()
     except config.ConfigException:
         return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
-
-
-def children_selector(job_name: str) -> str:
-    return f"{MANAGED_BY}=kubetune,{JOB_NAME}={job_name}"
 
 
 def without_status(body: Mapping[str, Any]) -> Manifest:
@@ -79,12 +74,6 @@ def stored_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
         return FineTuneJobStatus.model_validate(body.get("status") or {})
     except ValueError:
         return FineTuneJobStatus()
-
-
-def has_ended(body: Mapping[str, Any]) -> bool:
-    """The job succeeded or failed: its children are left as they are (a PyTorchJob removed by its
-    ttlSecondsAfterFinished is not made again, one stopped at the backoff limit is not resumed)."""
-    return stored_status(body).phase in TERMINAL_PHASES
 
 
 def status_patch(new: FineTuneJobStatus, current: FineTuneJobStatus) -> Manifest:
@@ -105,12 +94,17 @@ class Transition:
 
 
 def without_cost(status: FineTuneJobStatus) -> FineTuneJobStatus:
-    """The status without the GPU seconds of running pods, which grow every second."""
+    """The status without the GPU seconds of running pods, which grow every second: they are written
+    along with every other change (progress, a phase, a restart), never on their own."""
     return status.model_copy(update={"gpu_seconds": None})
 
 
 def transition_events(change: Transition) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the events a status change deserves: phase changes, restarts, new stalls."""
+    """(type, reason, message) of the events a status change deserves: phase changes, restarts, new stalls.
+
+    A new job's first phase, Pending, gets none: every job starts there, and the event would be one more
+    API write per job for nothing `kubectl get` does not show.
+    """
     before, after = change.before, change.after
     events: list[tuple[str, str, str]] = []
     last = after.last_failure
@@ -136,7 +130,7 @@ def transition_events(change: Transition) -> list[tuple[str, str, str]]:
             if not (stalled_after is not None and stalled_after.status == "True"):
                 reason = failed.reason if failed else "Failed"
                 events.append(("Warning", reason, after.message or ""))
-        else:
+        elif not (before.phase is None and after.phase is Phase.PENDING):
             events.append(("Normal", after.phase.value, after.message or ""))
     return events
 
@@ -147,6 +141,8 @@ class Kube:
 
     api_client: client.ApiClient
     settings: OperatorConfig
+    _nodes: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    _nodes_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @cached_property
     def core(self) -> client.CoreV1Api:
@@ -156,138 +152,166 @@ class Kube:
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api_client)
 
+    def warm_up(self) -> None:
+        """Import the API modules now (the core one takes a second), not in the first job's reconcile."""
+        _ = self.core, self.custom
+
     def as_dict(self, obj: Any) -> Manifest:
         return cast(Manifest, self.api_client.sanitize_for_serialization(obj))  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------------------------------------- reads
 
     def read_job(self, namespace: str, name: str) -> Manifest | None:
-        try:
-            body = cast(
-                Manifest, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            )
-        except ApiException as error:
-            if error.status == NOT_FOUND:
-                return None
-            raise
-        return body
+        """A fresh read, for when a status write found the stored job out of date."""
+        return self._read(GROUP, VERSION, PLURAL, namespace, name)
 
     def read_pytorchjob(self, namespace: str, name: str) -> Manifest | None:
+        return self._read(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL, namespace, name)
+
+    def _read(self, group: str, version: str, plural: str, namespace: str, name: str) -> Manifest | None:
         try:
-            body = cast(
-                Manifest,
-                self.custom.get_namespaced_custom_object(
-                    PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace, PYTORCHJOB_PLURAL, name
-                ),
+            return cast(
+                Manifest, self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
             )
         except ApiException as error:
             if error.status == NOT_FOUND:
                 return None
             raise
-        return body
 
-    def observe(self, job: FineTuneJob, deleted_pod: Manifest | None = None) -> Observed:
-        """The PyTorchJob, its pods and which of their nodes stopped reporting.
-
-        `deleted_pod` is a pod a watch just reported deleted, in its final state: the list no longer has
-        it, and its final state holds how long it ran and why it failed.
-        """
-        pytorchjob = self.read_pytorchjob(job.namespace, job.name)
-        gone = pod_uid(deleted_pod) if deleted_pod is not None else None
-        pods = [
-            pod
-            for pod in (
-                self.as_dict(item)
-                for item in self.core.list_namespaced_pod(
-                    job.namespace, label_selector=children_selector(job.name)
-                ).items
-            )
-            if pod_uid(pod) != gone
-        ]
+    def observe(self, children: Children) -> Observed:
+        """The PyTorchJob, its pods and which of their nodes stopped reporting, as the watches last said."""
         nodes = {
             (pod.get("spec") or {}).get("nodeName")
-            for pod in pods
+            for pod in children.pods
             if (pod.get("status") or {}).get("phase") == "Running"
         }
         lost = frozenset(node for node in nodes if node and not self._node_ready(node))
         return Observed(
-            pytorchjob=pytorchjob,
-            pods=pods,
+            pytorchjob=children.pytorchjob,
+            pods=children.pods,
             lost_nodes=lost,
-            deleted_pods=(deleted_pod,) if deleted_pod is not None else (),
+            deleted_pods=children.deleted_pods,
         )
 
     def _node_ready(self, name: str) -> bool:
+        """Whether the node reports Ready, read at most once per NODE_READY_TTL_SECONDS.
+
+        Many jobs share a node, and a node that stops reporting takes its controller 40 s to mark
+        NotReady, so a few seconds of staleness costs nothing and saves a read per running pod and event.
+        """
+        now = time.monotonic()
+        with self._nodes_lock:
+            cached = self._nodes.get(name)
+        if cached is not None and now - cached[0] < NODE_READY_TTL_SECONDS:
+            return cached[1]
         try:
-            node = self.as_dict(self.core.read_node(name))
+            node = cast(Manifest, self.core.read_node(name, _preload_content=False))
+            conditions = (json.loads(node.data).get("status") or {}).get("conditions") or []  # type: ignore[attr-defined]
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
         except ApiException as error:
-            if error.status == NOT_FOUND:
-                return False
-            raise
-        conditions = (node.get("status") or {}).get("conditions") or []
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            if error.status != NOT_FOUND:
+                raise
+            ready = False
+        with self._nodes_lock:
+            self._nodes[name] = (now, ready)
+        return ready
 
     # ------------------------------------------------------------------------------------------ writes
 
-    def ensure_children(self, job: FineTuneJob) -> None:
-        """Create or adopt the ConfigMap, then the PyTorchJob; then make suspend match the spec."""
-        configmap, pytorchjob = build_all(job, self.settings.render)
-        self._create_or_adopt(
+    def ensure_children(self, job: FineTuneJob, known: Manifest | None, seen_before: bool) -> Manifest:
+        """Create or adopt the ConfigMap, then the PyTorchJob; make suspend match the spec; return the
+        PyTorchJob as it now stands.
+
+        `known` is the PyTorchJob as the watch last saw it. When the watch has not delivered one but the job
+        was reconciled before (`seen_before`: it has a status; the operator may have just started and not
+        listed the PyTorchJobs yet), it is read before anything is created, so a restart adopts what exists
+        instead of collecting a refused create per child. A job never reconciled has no children to find,
+        and a create that meets one anyway (a crash between create and status) adopts it. A PyTorchJob is
+        created after its ConfigMap, so an existing one means the ConfigMap exists too.
+        """
+        existing = known or (self.read_pytorchjob(job.namespace, job.name) if seen_before else None)
+        if existing is None:
+            configmap, pytorchjob = build_all(job, self.settings.render)
+            name = configmap["metadata"]["name"]
+            self._create_or_adopt(
+                job,
+                "ConfigMap",
+                name,
+                # The answer is not read: skip building client models from it.
+                create=lambda: self.core.create_namespaced_config_map(
+                    job.namespace,
+                    configmap,  # type: ignore[arg-type]
+                    _preload_content=False,
+                ),
+                read=lambda: self.as_dict(self.core.read_namespaced_config_map(name, job.namespace)),
+                patch=lambda body: self.core.patch_namespaced_config_map(name, job.namespace, body),
+            )
+            try:
+                return cast(
+                    Manifest,
+                    self.custom.create_namespaced_custom_object(
+                        PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, job.namespace, PYTORCHJOB_PLURAL, pytorchjob
+                    ),
+                )
+            except ApiException as error:
+                if error.status != CONFLICT:
+                    raise
+            existing = self.read_pytorchjob(job.namespace, job.name) or {}
+        self._adopt(
             job,
-            configmap,
-            create=lambda: self.core.create_namespaced_config_map(job.namespace, configmap),  # type: ignore[arg-type]
-            read=lambda: self.as_dict(
-                self.core.read_namespaced_config_map(configmap["metadata"]["name"], job.namespace)
-            ),
-            patch=lambda body: self.core.patch_namespaced_config_map(
-                configmap["metadata"]["name"], job.namespace, body
-            ),
-        )
-        existing = self._create_or_adopt(
-            job,
-            pytorchjob,
-            create=lambda: self.custom.create_namespaced_custom_object(
-                PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, job.namespace, PYTORCHJOB_PLURAL, pytorchjob
-            ),
-            read=lambda: self.read_pytorchjob(job.namespace, job.name) or {},
+            "PyTorchJob",
+            pytorchjob_name(job),
+            existing,
             patch=lambda body: self._patch_pytorchjob(job, body),
         )
-        if existing is not None:
-            suspended = bool(((existing.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
-            if suspended != job.spec.run_policy.suspend:
-                self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": job.spec.run_policy.suspend}}})
+        suspended = bool(((existing.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
+        if suspended != job.spec.run_policy.suspend:
+            return self._patch_pytorchjob(
+                job, {"spec": {"runPolicy": {"suspend": job.spec.run_policy.suspend}}}
+            )
+        return existing
 
-    def _patch_pytorchjob(self, job: FineTuneJob, body: Manifest) -> None:
-        self.custom.patch_namespaced_custom_object(
-            PYTORCHJOB_GROUP,
-            PYTORCHJOB_VERSION,
-            job.namespace,
-            PYTORCHJOB_PLURAL,
-            job.name,
-            body,
-            _content_type="application/merge-patch+json",
+    def _patch_pytorchjob(self, job: FineTuneJob, body: Manifest) -> Manifest:
+        return cast(
+            Manifest,
+            self.custom.patch_namespaced_custom_object(
+                PYTORCHJOB_GROUP,
+                PYTORCHJOB_VERSION,
+                job.namespace,
+                PYTORCHJOB_PLURAL,
+                job.name,
+                body,
+                _content_type="application/merge-patch+json",
+            ),
         )
 
     def _create_or_adopt(
         self,
         job: FineTuneJob,
-        manifest: Manifest,
+        kind: str,
+        name: str,
         create: Callable[[], object],
         read: Callable[[], Manifest],
         patch: Callable[[Manifest], object],
-    ) -> Manifest | None:
-        """Create the object; when it exists (a retry, a restart), adopt it if it carries our labels.
-
-        Returns the object that already existed, or None when this call created it.
-        """
-        kind, name = manifest["kind"], manifest["metadata"]["name"]
+    ) -> None:
+        """Create the object; when it exists (a retry), adopt it if it carries our labels."""
         try:
             create()
-            return None
+            return
         except ApiException as error:
             if error.status != CONFLICT:
                 raise
-        existing = read()
+        self._adopt(job, kind, name, read(), patch)
+
+    def _adopt(
+        self,
+        job: FineTuneJob,
+        kind: str,
+        name: str,
+        existing: Manifest,
+        patch: Callable[[Manifest], object],
+    ) -> None:
+        """Take over an existing child if it is this job's: our labels, not being deleted, no other owner."""
         metadata = existing.get("metadata") or {}
         labels = metadata.get("labels") or {}
         if labels.get(MANAGED_BY) != "kubetune" or labels.get(JOB_NAME) != job.name:
@@ -298,100 +322,73 @@ class Kube:
         if metadata.get("deletionTimestamp"):
             raise kopf.TemporaryError(f"{kind} {name} of an earlier job is being deleted", delay=2)
         owners = metadata.get("ownerReferences") or []
-        ours = manifest["metadata"].get("ownerReferences") or []
+        ours = owner_references(job)
         if owners and ours and all(o.get("uid") != ours[0]["uid"] for o in owners):
             # A child of an earlier FineTuneJob with the same name: the garbage collector removes it.
             raise kopf.TemporaryError(f"{kind} {name} still belongs to an earlier job of this name", delay=2)
         if not owners and ours:
             patch({"metadata": {"ownerReferences": ours}})
-        return existing
 
-    def stop_pytorchjob(self, job: FineTuneJob) -> None:
+    def stop_pytorchjob(self, job: FineTuneJob) -> Manifest:
         """Suspend the PyTorchJob of a job that ended Failed while its pods still run: the training
         operator deletes them. The PyTorchJob stays, for `kubectl describe`."""
-        self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": True}}})
+        return self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": True}}})
 
-    def refresh_status(
-        self,
-        namespace: str | None,
-        name: str,
-        progress: Progress | None = None,
-        tick: bool = False,
-        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
-        deleted_pod: Manifest | None = None,
-    ) -> Transition | None:
-        """Recompute a job's status from its children and write it when it changed.
+    def write_status(self, body: Manifest, new: FineTuneJobStatus, current: FineTuneJobStatus) -> Manifest:
+        """Patch the status from `current` to `new`, on condition that the job is still at the
+        resourceVersion both were computed from; returns the job as written. Raises ApiException 409
+        when someone wrote in between, 404 when the job is gone."""
+        metadata = body["metadata"]
+        patch = {
+            "metadata": {"resourceVersion": metadata["resourceVersion"]},
+            "status": status_patch(new, current),
+        }
+        return cast(
+            Manifest,
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                metadata["namespace"],
+                PLURAL,
+                metadata["name"],
+                patch,
+                _content_type="application/merge-patch+json",
+            ),
+        )
 
-        The write carries the resourceVersion it was computed from; when someone wrote in between
-        (another handler of the same job) the whole computation starts again from fresh reads.
-        Outside a timer tick (`tick`), a change of gpuSeconds alone is not worth a write.
-        A job that ended Failed while its PyTorchJob still runs (its backoff limit) has the
-        PyTorchJob stopped, after the status that says why is written.
+    def post_event(self, body: Manifest, event_type: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the FineTuneJob, as `kubectl describe` shows them.
+
+        Posted directly rather than through kopf.event, which works only inside kopf's own handling of an
+        object, and the workers reconcile outside it. An Event that cannot be posted is logged, not retried:
+        the status already says the same.
         """
-        if namespace is None:  # FineTuneJobs are namespaced; kopf types it optional
-            return None
-        for _ in range(STATUS_WRITE_ATTEMPTS):
-            body = self.read_job(namespace, name)
-            if body is None:
-                return None
-            current = stored_status(body)
-            job, errors = validate_manifest(without_status(body))
-            now = utc_now()
-            generation = (body.get("metadata") or {}).get("generation")
-            observed = None
-            if job is None:
-                new = invalid_status(current, generation, errors, now)
-            else:
-                observed = self.observe(job, deleted_pod)
-                new = compute_status(job, current, observed, now, progress)
-            if new == current or (not tick and without_cost(new) == without_cost(current)):
-                self._stop_if_failed(job, new, observed, logger)
-                return None
-            patch = {
-                "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
-                "status": status_patch(new, current),
-            }
-            try:
-                self.custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    patch,
-                    _content_type="application/merge-patch+json",
-                )
-            except ApiException as error:
-                if error.status in (CONFLICT, NOT_FOUND):
-                    continue
-                raise
-            if logger is not None and new.phase != current.phase:
-                logger.info(f"phase {current.phase} -> {new.phase}: {new.message}")
-            self._stop_if_failed(job, new, observed, logger)
-            return Transition(body=body, before=current, after=new)
-        raise kopf.TemporaryError("the status kept changing underneath; trying again", delay=1)
-
-    def _stop_if_failed(
-        self,
-        job: FineTuneJob | None,
-        status: FineTuneJobStatus,
-        observed: Observed | None,
-        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None,
-    ) -> None:
-        if job is None or observed is None or status.phase is not Phase.FAILED:
-            return
-        if pytorchjob_state(observed.pytorchjob) not in (
-            JobState.CREATED,
-            JobState.RUNNING,
-            JobState.RESTARTING,
-        ):
-            return
-        run_policy = ((observed.pytorchjob or {}).get("spec") or {}).get("runPolicy") or {}
-        if run_policy.get("suspend") is True:
-            return
-        if logger is not None:
-            logger.info(f"stopping PyTorchJob {job.name}: {status.message}")
-        self.stop_pytorchjob(job)
+        metadata = body["metadata"]
+        now = utc_now()
+        event = {
+            "metadata": {"generateName": f"{metadata['name']}.", "namespace": metadata["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": body.get("kind", KIND),
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:MAX_EVENT_MESSAGE],
+            "source": {"component": EVENT_SOURCE},
+            "reportingComponent": EVENT_SOURCE,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(metadata["namespace"], event, _preload_content=False)  # type: ignore[arg-type]
+        except ApiException as error:
+            logging.getLogger(__name__).warning(
+                f"{metadata['namespace']}/{metadata['name']}: could not post event {reason}: {error.reason}"
+            )
 
     # ---------------------------------------------------------------------------------------- progress
 

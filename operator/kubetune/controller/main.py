@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 
@@ -24,6 +25,10 @@ def run_operator(verbose: bool = False, json_logs: bool = True) -> None:
         log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL,
         log_refkey="object",
     )
+    if not verbose:
+        # kopf logs "Handler ... succeeded." for every watch event at INFO: at a thousand jobs that is most
+        # of the log and a share of the CPU. Its warnings and errors still come through.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     from kubetune.controller import handlers  # noqa: F401  (registers the handlers)
 
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

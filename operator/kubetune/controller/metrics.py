@@ -14,7 +14,7 @@ REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter(
     "kubetune_operator_reconciles",
-    "Reconciles by the kind of object that triggered them and their result (success or error).",
+    "Reconciles by the kind of object reconciled (FineTuneJob) and their result (success or error).",
     ["kind", "result"],
     registry=REGISTRY,
 )
@@ -30,6 +30,17 @@ RECONCILE_DURATION = Histogram(
     ["kind"],
     registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WATCH_EVENTS = Counter(
+    "kubetune_operator_watch_events",
+    "Watch events received, by the kind of object (FineTuneJob, PyTorchJob, Pod).",
+    ["kind"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "kubetune_operator_queue_depth",
+    "FineTuneJobs waiting for a worker (a lasting backlog means too few workers or a slow API server).",
+    registry=REGISTRY,
 )
 FINETUNEJOBS = Gauge(
     "kubetune_operator_finetunejobs",

@@ -1,0 +1,279 @@
+"""The reconcile loop: watch events fill the store and queue the job; workers bring one job at a time to
+where its spec and children say it should be.
+
+Level-triggered, as Kubernetes controllers are: a reconcile does not ask what happened, only what is. It
+creates or adopts the children a job lacks, computes the status from the store and writes it only when it
+changed. Events of one job that arrive while it waits are folded into one reconcile; a failed reconcile is
+retried after a growing delay; a resync every progress interval reads the trainers' progress and catches
+anything a watch missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase
+from kubetune.api.validation import FieldError, validate_manifest
+from kubetune.controller import metrics
+from kubetune.controller.conditions import utc_now
+from kubetune.controller.config import OperatorConfig
+from kubetune.controller.kube import (
+    CONFLICT,
+    NOT_FOUND,
+    Kube,
+    Transition,
+    stored_status,
+    transition_events,
+    without_cost,
+    without_status,
+)
+from kubetune.controller.status import (
+    TERMINAL_PHASES,
+    JobState,
+    Observed,
+    compute_status,
+    invalid_status,
+    pytorchjob_state,
+)
+from kubetune.controller.store import JobKey, Manifest, Store, job_key, owner_key
+from kubetune.controller.workqueue import WorkQueue
+
+STATUS_WRITE_ATTEMPTS = 5
+DELETED = "DELETED"
+
+log = logging.getLogger("kubetune.operator")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A job's spec as validated once per generation (pods and PyTorchJobs change far more often)."""
+
+    uid: str
+    generation: int | None
+    job: FineTuneJob | None
+    errors: tuple[FieldError, ...]
+
+
+class Reconciler:
+    """The store, the queue, the workers and the resync of one operator process."""
+
+    def __init__(self, kube: Kube, settings: OperatorConfig) -> None:
+        self.kube, self.settings = kube, settings
+        self.store = Store()
+        self.queue: WorkQueue[JobKey] = WorkQueue()
+        self._specs: dict[JobKey, Spec] = {}
+        self._statuses: dict[JobKey, tuple[str, FineTuneJobStatus]] = {}
+        self._progress_due: set[JobKey] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        metrics.QUEUE_DEPTH.set_function(lambda: float(self.queue.depth()))
+
+    def start(self) -> None:
+        for index in range(self.settings.workers):
+            self._threads.append(threading.Thread(target=self._work, name=f"reconcile-{index}", daemon=True))
+        self._threads.append(threading.Thread(target=self._resync, name="resync", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Let the workers finish the job they are on (a status write is not cut in half), then return."""
+        self._stopped.set()
+        self.queue.shut_down()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    # -------------------------------------------------------------------------------- watch events
+
+    def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = job_key(body)
+        metrics.WATCH_EVENTS.labels(kind="FineTuneJob").inc()
+        if event_type == DELETED:
+            self.store.drop_job(key)
+            with self._lock:
+                self._specs.pop(key, None)
+                self._statuses.pop(key, None)
+                self._progress_due.discard(key)
+        else:
+            self.store.put_job(body)
+        self.queue.add(key)
+
+    def pytorchjob_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if (key := owner_key(body)) is None:
+            return
+        metrics.WATCH_EVENTS.labels(kind="PyTorchJob").inc()
+        if event_type == DELETED:
+            self.store.drop_pytorchjob(key, body)
+        else:
+            self.store.put_pytorchjob(key, body)
+        self.queue.add(key)
+
+    def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if (key := owner_key(body)) is None:
+            return
+        metrics.WATCH_EVENTS.labels(kind="Pod").inc()
+        if event_type == DELETED:
+            self.store.drop_pod(key, body)
+        else:
+            self.store.put_pod(key, body)
+        self.queue.add(key)
+
+    # ------------------------------------------------------------------------------------- workers
+
+    def _work(self) -> None:
+        while (key := self.queue.get()) is not None:
+            try:
+                with metrics.reconcile("FineTuneJob"):
+                    self.reconcile(key)
+                self.queue.forget(key)
+            except kopf.TemporaryError as error:
+                log.warning(f"{key[0]}/{key[1]}: {error}")
+                self.queue.add_after(key, float(error.delay or 1))
+            except Exception as error:  # any failure is retried: the loop must go on
+                delay = self.queue.retry(key)
+                log.warning(f"{key[0]}/{key[1]}: reconcile failed, retrying in {delay:.1f} s: {error!r}")
+            finally:
+                self.queue.done(key)
+
+    def _resync(self) -> None:
+        """Every progress interval: each unfinished job once more, reading its trainer's progress."""
+        while not self._stopped.wait(self.settings.progress_interval_seconds):
+            for key in self.store.job_keys():
+                body = self.store.job(key)
+                if body is None or ((body.get("status") or {}).get("phase")) in TERMINAL_VALUES:
+                    continue
+                with self._lock:
+                    self._progress_due.add(key)
+                self.queue.add(key)
+
+    # ----------------------------------------------------------------------------------- reconcile
+
+    def reconcile(self, key: JobKey) -> None:
+        body = self.store.job(key)
+        if body is None:
+            self.store.forget_children(key)
+            return
+        spec = self._spec(key, body)
+        current = self._status(key, body)
+        with self._lock:
+            progress_due = key in self._progress_due
+            self._progress_due.discard(key)
+        deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
+        if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
+            known = self.store.children(key).pytorchjob
+            pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
+            if pytorchjob is not known:
+                self.store.put_pytorchjob(key, pytorchjob)
+        self._sync_status(key, progress_due and current.phase is Phase.RUNNING)
+
+    def _spec(self, key: JobKey, body: Manifest) -> Spec:
+        metadata = body.get("metadata") or {}
+        uid, generation = str(metadata.get("uid") or ""), metadata.get("generation")
+        with self._lock:
+            held = self._specs.get(key)
+        if held is not None and held.uid == uid and held.generation == generation:
+            return held
+        job, errors = validate_manifest(without_status(body))
+        spec = Spec(uid, generation, job, tuple(errors))
+        if job is None:
+            log.warning(f"{key[0]}/{key[1]}: invalid spec: {'; '.join(str(e) for e in errors)}")
+        with self._lock:
+            self._specs[key] = spec
+        return spec
+
+    def _status(self, key: JobKey, body: Manifest) -> FineTuneJobStatus:
+        """The stored status as a model, parsed once per resourceVersion (a job is reconciled far more
+        often than its status changes)."""
+        version = (
+            str((body.get("metadata") or {}).get("uid"))
+            + "/"
+            + str((body.get("metadata") or {}).get("resourceVersion"))
+        )
+        with self._lock:
+            held = self._statuses.get(key)
+        if held is not None and held[0] == version:
+            return held[1]
+        status = stored_status(body)
+        with self._lock:
+            self._statuses[key] = (version, status)
+        return status
+
+    def _sync_status(self, key: JobKey, read_progress: bool) -> None:
+        """Compute the status from the store and write it when more than gpuSeconds changed.
+
+        The write is conditional on the resourceVersion it was computed from; when someone wrote in between
+        (the user changed spec.runPolicy.suspend) the job is read afresh and the status computed again.
+        """
+        progress = None
+        for _ in range(STATUS_WRITE_ATTEMPTS):
+            body = self.store.job(key)
+            if body is None:
+                return
+            spec = self._spec(key, body)
+            current = self._status(key, body)
+            children = self.store.children(key)
+            now = utc_now()
+            observed: Observed | None = None
+            if spec.job is None:
+                new = invalid_status(current, spec.generation, list(spec.errors), now)
+            else:
+                observed = self.kube.observe(children)
+                if read_progress and progress is None:
+                    progress = self.kube.read_progress(spec.job, observed)
+                new = compute_status(spec.job, current, observed, now, progress)
+            if without_cost(new) == without_cost(current):
+                self.store.accounted(key, children.deleted_pods)
+                self._stop_if_failed(spec.job, new, observed)
+                return
+            try:
+                written = self.kube.write_status(body, new, current)
+            except ApiException as error:
+                if error.status not in (CONFLICT, NOT_FOUND):
+                    raise
+                fresh = self.kube.read_job(*key) if error.status == CONFLICT else None
+                if fresh is None:
+                    self.store.drop_job(key)
+                    return
+                self.store.put_job(fresh)
+                continue
+            self.store.put_job(written)
+            self.store.accounted(key, children.deleted_pods)
+            if new.phase != current.phase:
+                log.info(f"{key[0]}/{key[1]}: phase {current.phase} -> {new.phase}: {new.message}")
+            for event_type, reason, message in transition_events(Transition(body, current, new)):
+                self.kube.post_event(body, event_type, reason, message)
+            self._stop_if_failed(spec.job, new, observed)
+            return
+        raise kopf.TemporaryError("the status kept changing underneath; trying again", delay=1)
+
+    def _stop_if_failed(
+        self, job: FineTuneJob | None, status: FineTuneJobStatus, observed: Observed | None
+    ) -> None:
+        """A job that ended Failed while its PyTorchJob still runs (the backoff limit, enforced here) has the
+        PyTorchJob stopped, after the status that says why is written."""
+        if job is None or observed is None or status.phase is not Phase.FAILED:
+            return
+        if pytorchjob_state(observed.pytorchjob) not in (
+            JobState.CREATED,
+            JobState.RUNNING,
+            JobState.RESTARTING,
+        ):
+            return
+        run_policy = ((observed.pytorchjob or {}).get("spec") or {}).get("runPolicy") or {}
+        if run_policy.get("suspend") is True:
+            return
+        log.info(f"{job.namespace}/{job.name}: stopping the PyTorchJob: {status.message}")
+        self.store.put_pytorchjob((job.namespace, job.name), self.kube.stop_pytorchjob(job))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.store.sizes(), "queued": self.queue.depth()}
+
+
+TERMINAL_VALUES = tuple(phase.value for phase in TERMINAL_PHASES)

@@ -1,0 +1,166 @@
+"""What the watches last said: FineTuneJobs, and the PyTorchJobs and pods of each, by job.
+
+The status of a job is computed from this store, not from fresh reads: the watches already deliver every
+object, and re-reading a job's children on each event cost four API calls per event (the operator's main
+cost at scale). Writes of our own (a created PyTorchJob, a status patch) go in as soon as the API server
+answers, so the next reconcile does not act on the older state its watch event has not brought yet.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.controller.pods import pod_uid
+from kubetune.render.labels import JOB_NAME
+
+Manifest = dict[str, Any]
+JobKey = tuple[str, str]
+"""(namespace, name) of a FineTuneJob."""
+
+
+def job_key(obj: Mapping[str, Any]) -> JobKey:
+    metadata = obj.get("metadata") or {}
+    return (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+
+
+def owner_key(obj: Mapping[str, Any]) -> JobKey | None:
+    """The FineTuneJob a child of ours belongs to, by its job-name label."""
+    metadata = obj.get("metadata") or {}
+    name = (metadata.get("labels") or {}).get(JOB_NAME)
+    return (str(metadata.get("namespace") or ""), str(name)) if name else None
+
+
+def trimmed(obj: Mapping[str, Any]) -> Manifest:
+    """The object without metadata.managedFields, which nothing here reads and which is often half its size."""
+    metadata = obj.get("metadata") or {}
+    if "managedFields" not in metadata:
+        return dict(obj)
+    return {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
+
+
+def is_newer(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bool:
+    """Whether `candidate` is a later state of the object than `held`.
+
+    resourceVersions are opaque by contract, but every API server backed by etcd issues them as increasing
+    integers; comparing them keeps a late watch event from undoing a write whose response came first. A
+    version that is not an integer, or another object with the same name (a new UID), always wins.
+    """
+    if held is None:
+        return True
+    new_meta, old_meta = candidate.get("metadata") or {}, held.get("metadata") or {}
+    if new_meta.get("uid") != old_meta.get("uid"):
+        return True
+    try:
+        return int(str(new_meta.get("resourceVersion"))) >= int(str(old_meta.get("resourceVersion")))
+    except (TypeError, ValueError):
+        return True
+
+
+@dataclass(frozen=True)
+class Children:
+    """One job's children as last seen."""
+
+    pytorchjob: Manifest | None
+    pods: tuple[Manifest, ...]
+    deleted_pods: tuple[Manifest, ...]
+    """Pods whose deletion no reconcile has accounted for yet, in their final state."""
+
+
+class Store:
+    """Thread-safe: the watch handlers write, the workers read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[JobKey, Manifest] = {}
+        self._pytorchjobs: dict[JobKey, Manifest] = {}
+        self._pods: dict[JobKey, dict[str, Manifest]] = {}
+        self._deleted: dict[JobKey, dict[str, Manifest]] = {}
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    def put_job(self, body: Mapping[str, Any]) -> None:
+        key = job_key(body)
+        with self._lock:
+            if is_newer(body, self._jobs.get(key)):
+                self._jobs[key] = trimmed(body)
+
+    def drop_job(self, key: JobKey) -> None:
+        """The FineTuneJob is gone; the garbage collector removes its children and their watch events
+        drop them here."""
+        with self._lock:
+            self._jobs.pop(key, None)
+
+    def job(self, key: JobKey) -> Manifest | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def job_keys(self) -> list[JobKey]:
+        with self._lock:
+            return list(self._jobs)
+
+    # -------------------------------------------------------------------------------------- children
+
+    def put_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        with self._lock:
+            if is_newer(body, self._pytorchjobs.get(key)):
+                self._pytorchjobs[key] = trimmed(body)
+
+    def drop_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        with self._lock:
+            held = self._pytorchjobs.get(key)
+            if held is not None and (held.get("metadata") or {}).get("uid") == (
+                body.get("metadata") or {}
+            ).get("uid"):
+                del self._pytorchjobs[key]
+
+    def put_pod(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        uid = pod_uid(body)
+        with self._lock:
+            if uid in self._deleted.get(key, {}):
+                return  # a late event of a pod already deleted
+            pods = self._pods.setdefault(key, {})
+            if is_newer(body, pods.get(uid)):
+                pods[uid] = trimmed(body)
+
+    def drop_pod(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        """A deleted pod leaves the live set and waits, in its final state, for a reconcile to bank it."""
+        uid = pod_uid(body)
+        with self._lock:
+            pods = self._pods.get(key, {})
+            pods.pop(uid, None)
+            if not pods:
+                self._pods.pop(key, None)
+            self._deleted.setdefault(key, {})[uid] = trimmed(body)
+
+    def children(self, key: JobKey) -> Children:
+        with self._lock:
+            return Children(
+                pytorchjob=self._pytorchjobs.get(key),
+                pods=tuple(self._pods.get(key, {}).values()),
+                deleted_pods=tuple(self._deleted.get(key, {}).values()),
+            )
+
+    def accounted(self, key: JobKey, deleted_pods: tuple[Manifest, ...]) -> None:
+        """These deleted pods are in the job's status now: forget them."""
+        with self._lock:
+            waiting = self._deleted.get(key, {})
+            for pod in deleted_pods:
+                waiting.pop(pod_uid(pod), None)
+            if not waiting:
+                self._deleted.pop(key, None)
+
+    def forget_children(self, key: JobKey) -> None:
+        """A job that no longer exists: nothing of it needs keeping."""
+        with self._lock:
+            self._deleted.pop(key, None)
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "finetunejobs": len(self._jobs),
+                "pytorchjobs": len(self._pytorchjobs),
+                "pods": sum(len(p) for p in self._pods.values()),
+            }

@@ -1,0 +1,87 @@
+"""The reconcile queue: a job is worked on by one worker at a time, events pile into one reconcile, failures
+come back later."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kubetune.controller.workqueue import WorkQueue
+
+
+def test_a_key_added_many_times_while_waiting_is_worked_on_once() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    for _ in range(5):
+        queue.add("ns/a")
+    queue.add("ns/b")
+    assert queue.depth() == 2
+    assert queue.get() == "ns/a"
+    assert queue.get() == "ns/b"
+    assert queue.depth() == 0
+
+
+def test_a_key_added_while_a_worker_has_it_comes_back_only_after_done() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("ns/a")
+    assert queue.get() == "ns/a"
+    queue.add("ns/a")  # an event arrives mid-reconcile
+    queue.add("ns/a")
+    assert queue.depth() == 0, "no second worker may take a key that is being worked on"
+    queue.done("ns/a")
+    assert queue.depth() == 1
+    assert queue.get() == "ns/a"
+    queue.done("ns/a")
+    assert queue.depth() == 0
+
+
+def test_failures_come_back_after_a_doubling_delay_and_success_resets_it() -> None:
+    queue: WorkQueue[str] = WorkQueue(base_delay=0.05, max_delay=0.15)
+    delays = [queue.retry("ns/a") for _ in range(4)]
+    assert delays == [0.05, 0.1, 0.15, 0.15]
+    queue.forget("ns/a")
+    assert queue.retry("ns/a") == 0.05
+    started = time.monotonic()
+    assert queue.get() == "ns/a"
+    assert time.monotonic() - started >= 0.04
+
+
+def test_shut_down_wakes_a_waiting_worker() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    got: list[str | None] = []
+    worker = threading.Thread(target=lambda: got.append(queue.get()))
+    worker.start()
+    time.sleep(0.05)
+    queue.shut_down()
+    worker.join(timeout=2)
+    assert not worker.is_alive() and got == [None]
+    queue.add("ns/a")
+    assert queue.depth() == 0, "a shut queue takes nothing new"
+
+
+def test_concurrent_workers_never_hold_the_same_key() -> None:
+    queue: WorkQueue[int] = WorkQueue()
+    holding: set[int] = set()
+    clashes: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        while (key := queue.get()) is not None:
+            with lock:
+                if key in holding:
+                    clashes.append(key)
+                holding.add(key)
+            time.sleep(0.001)
+            with lock:
+                holding.discard(key)
+            queue.done(key)
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for round_ in range(200):
+        queue.add(round_ % 5)
+    time.sleep(0.3)
+    queue.shut_down()
+    for worker in workers:
+        worker.join(timeout=5)
+    assert clashes == []
