@@ -83,6 +83,8 @@ def operator_exposition() -> Iterator[str]:
         except RuntimeError:
             pass
     metrics.set_job_phases({"ml/a": "Running", "ml/b": "Succeeded", "ml/c": None})
+    for kind in ("FineTuneJob", "PyTorchJob", "Pod"):
+        metrics.WATCH_EVENTS.labels(kind=kind).inc()
     server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.REGISTRY)
     try:
         yield scrape(server.server_address[1])
@@ -178,6 +180,7 @@ def test_the_dashboard_shows_what_platform_and_ml_engineers_look_for() -> None:
         "kubetune_train_samples_total",  # restarts: the per-process sample counter resets
         "kubetune_operator_finetunejobs",
         "kubetune_operator_reconcile_errors_total",
+        "kubetune_operator_queue_depth",  # a backlog at 3 a.m.: too few workers or a slow API server
     }
     assert wanted <= used, f"not on the dashboard: {sorted(wanted - used)}"
 

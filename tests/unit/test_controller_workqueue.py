@@ -26,10 +26,15 @@ def test_a_key_added_while_a_worker_has_it_comes_back_only_after_done() -> None:
     assert queue.get() == "ns/a"
     queue.add("ns/a")  # an event arrives mid-reconcile
     queue.add("ns/a")
-    assert queue.depth() == 0, "no second worker may take a key that is being worked on"
+    assert queue.depth() == 1, "it waits, once"
+    second: list[str | None] = []
+    worker = threading.Thread(target=lambda: second.append(queue.get()), daemon=True)
+    worker.start()
+    worker.join(timeout=0.2)
+    assert second == [], "no second worker may take a key that is being worked on"
     queue.done("ns/a")
-    assert queue.depth() == 1
-    assert queue.get() == "ns/a"
+    worker.join(timeout=2)
+    assert second == ["ns/a"]
     queue.done("ns/a")
     assert queue.depth() == 0
 
@@ -38,6 +43,7 @@ def test_failures_come_back_after_a_doubling_delay_and_success_resets_it() -> No
     queue: WorkQueue[str] = WorkQueue(base_delay=0.05, max_delay=0.15)
     delays = [queue.retry("ns/a") for _ in range(4)]
     assert delays == [0.05, 0.1, 0.15, 0.15]
+    assert queue.depth() == 1, "a key due later still counts as waiting"
     queue.forget("ns/a")
     assert queue.retry("ns/a") == 0.05
     started = time.monotonic()

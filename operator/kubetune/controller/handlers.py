@@ -31,6 +31,22 @@ FINALIZER = "kubetune.io/finalizer"
 OURS = {MANAGED_BY: "kubetune"}
 OURS_SELECTOR = f"{MANAGED_BY}=kubetune"
 
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf builds a diff base for every watch event (a deep copy of the whole object) to serve change
+    handlers (on.create/update); this operator has none, only on.event, so nothing ever reads it. At a
+    thousand jobs that copy was 14% of the operator's CPU. kopf documents this storage as replaceable."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 _reconciler: Reconciler | None = None
 _phases: dict[str, str | None] = {}
 
@@ -48,6 +64,7 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     # Earlier versions had kopf put this finalizer on every job (for a per-job timer). Nothing needs it now,
     # and kopf lifts a finalizer of this name from each job it sees when no handler requires it.
     settings.persistence.finalizer = FINALIZER
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     # Only our own PyTorchJobs and pods, filtered by the API server: a cluster's other pods never reach us.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,9 @@ from kubetune.controller.store import JobKey, Manifest, Store, job_key, owner_ke
 from kubetune.controller.workqueue import WorkQueue
 
 STATUS_WRITE_ATTEMPTS = 5
+LIST_GRACE_SECONDS = 2.0
+STOP_SECONDS = 20.0
+"""How long a stopping operator waits for reconciles in flight (a progress read may take 5 s)."""
 DELETED = "DELETED"
 
 log = logging.getLogger("kubetune.operator")
@@ -71,6 +75,7 @@ class Reconciler:
         self._specs: dict[JobKey, Spec] = {}
         self._statuses: dict[JobKey, tuple[str, FineTuneJobStatus]] = {}
         self._progress_due: set[JobKey] = set()
+        self._missed: set[JobKey] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -87,8 +92,9 @@ class Reconciler:
         """Let the workers finish the job they are on (a status write is not cut in half), then return."""
         self._stopped.set()
         self.queue.shut_down()
+        deadline = time.monotonic() + STOP_SECONDS
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # -------------------------------------------------------------------------------- watch events
 
@@ -100,6 +106,7 @@ class Reconciler:
             with self._lock:
                 self._specs.pop(key, None)
                 self._statuses.pop(key, None)
+                self._missed.discard(key)
                 self._progress_due.discard(key)
         else:
             self.store.put_job(body)
@@ -168,10 +175,24 @@ class Reconciler:
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
             known = self.store.children(key).pytorchjob
+            if known is None and current.phase is not None and self._first_miss(key):
+                # A job with a status has a PyTorchJob; the watch has not delivered it yet (this operator
+                # just started, and the FineTuneJobs were listed first). Wait for the list rather than
+                # read each one: at a thousand jobs that is a thousand reads on every restart.
+                self.queue.add_after(key, LIST_GRACE_SECONDS)
+                return
             pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
             if pytorchjob is not known:
                 self.store.put_pytorchjob(key, pytorchjob)
         self._sync_status(key, progress_due and current.phase is Phase.RUNNING)
+
+    def _first_miss(self, key: JobKey) -> bool:
+        """True the first time a job's PyTorchJob is missing from the store (once per job and process)."""
+        with self._lock:
+            if key in self._missed:
+                return False
+            self._missed.add(key)
+            return True
 
     def _spec(self, key: JobKey, body: Manifest) -> Spec:
         metadata = body.get("metadata") or {}

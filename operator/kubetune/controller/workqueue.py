@@ -94,9 +94,9 @@ class WorkQueue(Generic[K]):
                 self._changed.notify()
 
     def depth(self) -> int:
-        """Keys ready to be worked on (not counting delayed retries or keys being worked on)."""
+        """Keys waiting for a worker: ready now, due later (a retry), or queued again while being worked on."""
         with self._changed:
-            return len(self._ready)
+            return len(self._waiting | {key for _, _, key in self._later})
 
     def shut_down(self) -> None:
         with self._changed:
