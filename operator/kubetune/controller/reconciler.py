@@ -14,13 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress
 from kubetune.api.validation import FieldError, validate_manifest
 from kubetune.controller import metrics
 from kubetune.controller.conditions import utc_now
@@ -49,7 +50,7 @@ from kubetune.controller.workqueue import WorkQueue
 STATUS_WRITE_ATTEMPTS = 5
 LIST_GRACE_SECONDS = 2.0
 STOP_SECONDS = 20.0
-"""How long a stopping operator waits for reconciles in flight (a progress read may take 5 s)."""
+"""How long a stopping operator waits for reconciles in flight."""
 DELETED = "DELETED"
 
 log = logging.getLogger("kubetune.operator")
@@ -74,7 +75,12 @@ class Reconciler:
         self.queue: WorkQueue[JobKey] = WorkQueue()
         self._specs: dict[JobKey, Spec] = {}
         self._statuses: dict[JobKey, tuple[str, FineTuneJobStatus]] = {}
-        self._progress_due: set[JobKey] = set()
+        self._progress: dict[JobKey, Progress] = {}
+        """Progress read from a trainer, waiting for the job's next reconcile to write it."""
+        self._reading: set[JobKey] = set()
+        # Reads of the trainers' /metrics run beside the workers, not in them: a pod network that drops the
+        # operator's packets makes each read wait its full timeout, and that must not hold up the reconciles.
+        self._readers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="progress")
         self._missed: set[JobKey] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -92,6 +98,7 @@ class Reconciler:
         """Let the workers finish the job they are on (a status write is not cut in half), then return."""
         self._stopped.set()
         self.queue.shut_down()
+        self._readers.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + STOP_SECONDS
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -107,7 +114,7 @@ class Reconciler:
                 self._specs.pop(key, None)
                 self._statuses.pop(key, None)
                 self._missed.discard(key)
-                self._progress_due.discard(key)
+                self._progress.pop(key, None)
         else:
             self.store.put_job(body)
         self.queue.add(key)
@@ -150,15 +157,39 @@ class Reconciler:
                 self.queue.done(key)
 
     def _resync(self) -> None:
-        """Every progress interval: each unfinished job once more, reading its trainer's progress."""
+        """Every progress interval: each unfinished job once more; a running one after its trainer's
+        progress has been read."""
         while not self._stopped.wait(self.settings.progress_interval_seconds):
             for key in self.store.job_keys():
                 body = self.store.job(key)
-                if body is None or ((body.get("status") or {}).get("phase")) in TERMINAL_VALUES:
+                phase = ((body or {}).get("status") or {}).get("phase")
+                if body is None or phase in TERMINAL_VALUES:
+                    continue
+                if phase != Phase.RUNNING.value:
+                    self.queue.add(key)
                     continue
                 with self._lock:
-                    self._progress_due.add(key)
-                self.queue.add(key)
+                    if key in self._reading:
+                        continue  # the last read has not come back yet
+                    self._reading.add(key)
+                self._readers.submit(self._read_progress, key)
+
+    def _read_progress(self, key: JobKey) -> None:
+        try:
+            body = self.store.job(key)
+            spec = self._spec(key, body) if body is not None else None
+            if spec is not None and spec.job is not None:
+                children = self.store.children(key)
+                observed = Observed(pytorchjob=children.pytorchjob, pods=children.pods)
+                if (progress := self.kube.read_progress(spec.job, observed)) is not None:
+                    with self._lock:
+                        self._progress[key] = progress
+        except Exception as error:  # a failed read only leaves the progress as it was
+            log.warning(f"{key[0]}/{key[1]}: reading progress failed: {error!r}")
+        finally:
+            with self._lock:
+                self._reading.discard(key)
+            self.queue.add(key)
 
     # ----------------------------------------------------------------------------------- reconcile
 
@@ -169,9 +200,6 @@ class Reconciler:
             return
         spec = self._spec(key, body)
         current = self._status(key, body)
-        with self._lock:
-            progress_due = key in self._progress_due
-            self._progress_due.discard(key)
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
             known = self.store.children(key).pytorchjob
@@ -184,7 +212,7 @@ class Reconciler:
             pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
             if pytorchjob is not known:
                 self.store.put_pytorchjob(key, pytorchjob)
-        self._sync_status(key, progress_due and current.phase is Phase.RUNNING)
+        self._sync_status(key)
 
     def _first_miss(self, key: JobKey) -> bool:
         """True the first time a job's PyTorchJob is missing from the store (once per job and process)."""
@@ -226,13 +254,14 @@ class Reconciler:
             self._statuses[key] = (version, status)
         return status
 
-    def _sync_status(self, key: JobKey, read_progress: bool) -> None:
+    def _sync_status(self, key: JobKey) -> None:
         """Compute the status from the store and write it when more than gpuSeconds changed.
 
         The write is conditional on the resourceVersion it was computed from; when someone wrote in between
         (the user changed spec.runPolicy.suspend) the job is read afresh and the status computed again.
         """
-        progress = None
+        with self._lock:
+            progress = self._progress.pop(key, None)
         for _ in range(STATUS_WRITE_ATTEMPTS):
             body = self.store.job(key)
             if body is None:
@@ -246,8 +275,6 @@ class Reconciler:
                 new = invalid_status(current, spec.generation, list(spec.errors), now)
             else:
                 observed = self.kube.observe(children)
-                if read_progress and progress is None:
-                    progress = self.kube.read_progress(spec.job, observed)
                 new = compute_status(spec.job, current, observed, now, progress)
             if without_cost(new) == without_cost(current):
                 self.store.accounted(key, children.deleted_pods)
