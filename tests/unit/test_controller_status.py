@@ -215,6 +215,16 @@ def test_a_spec_changed_after_creation_is_reported_as_stalled() -> None:
     assert conditions_of(status)["Stalled"][0] == "False"
 
 
+def test_a_spec_hash_kept_per_generation_judges_the_same_as_a_fresh_one() -> None:
+    the_job = job()
+    pytorchjob = a_pytorchjob("Created", "Running")
+    pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(the_job)
+    kept = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest=spec_hash(the_job))
+    assert kept == compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0)
+    stale = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest="1" * 64)
+    assert conditions_of(stale)["Stalled"] == ("True", Reason.SPEC_CHANGED)
+
+
 def test_an_invalid_spec_is_stalled_and_failed_with_the_field_named() -> None:
     status = invalid_status(
         FineTuneJobStatus(), 2, [FieldError("spec.training.learningRateGroups[0].match", "bad regex")], T0

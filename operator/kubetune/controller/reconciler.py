@@ -46,9 +46,10 @@ from kubetune.controller.status import (
 )
 from kubetune.controller.store import JobKey, Manifest, Store, job_key, owner_key
 from kubetune.controller.workqueue import WorkQueue
+from kubetune.render.pytorchjob import spec_hash
 
 STATUS_WRITE_ATTEMPTS = 5
-LIST_GRACE_SECONDS = 2.0
+LIST_GRACE_SECONDS = 1.0
 STOP_SECONDS = 20.0
 """How long a stopping operator waits for reconciles in flight."""
 DELETED = "DELETED"
@@ -64,6 +65,8 @@ class Spec:
     generation: int | None
     job: FineTuneJob | None
     errors: tuple[FieldError, ...]
+    digest: str | None
+    """spec_hash of the job: rendering the spec document on every status compute was 7% of the CPU."""
 
 
 class Reconciler:
@@ -230,7 +233,7 @@ class Reconciler:
         if held is not None and held.uid == uid and held.generation == generation:
             return held
         job, errors = validate_manifest(without_status(body))
-        spec = Spec(uid, generation, job, tuple(errors))
+        spec = Spec(uid, generation, job, tuple(errors), spec_hash(job) if job is not None else None)
         if job is None:
             log.warning(f"{key[0]}/{key[1]}: invalid spec: {'; '.join(str(e) for e in errors)}")
         with self._lock:
@@ -275,7 +278,7 @@ class Reconciler:
                 new = invalid_status(current, spec.generation, list(spec.errors), now)
             else:
                 observed = self.kube.observe(children)
-                new = compute_status(spec.job, current, observed, now, progress)
+                new = compute_status(spec.job, current, observed, now, progress, spec.digest)
             if without_cost(new) == without_cost(current):
                 self.store.accounted(key, children.deleted_pods)
                 self._stop_if_failed(spec.job, new, observed)

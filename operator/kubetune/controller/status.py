@@ -614,13 +614,18 @@ def _summarise(
     return _summary(Phase.RUNNING, "True", "False", Reason.RUNNING, text), None
 
 
-def spec_changed_message(job: FineTuneJob, pytorchjob: Manifest | None) -> str | None:
-    """Set when the spec differs from the one the PyTorchJob was made from (the CRD should have refused it)."""
+def spec_changed_message(
+    job: FineTuneJob, pytorchjob: Manifest | None, digest: str | None = None
+) -> str | None:
+    """Set when the spec differs from the one the PyTorchJob was made from (the CRD should have refused it).
+
+    `digest` is `spec_hash(job)` when the caller already has it (it renders the whole spec document).
+    """
     if pytorchjob is None:
         return None
     annotations = (pytorchjob.get("metadata") or {}).get("annotations") or {}
     made_from = annotations.get(SPEC_HASH_ANNOTATION)
-    if made_from is None or made_from == spec_hash(job):
+    if made_from is None or made_from == (digest or spec_hash(job)):
         return None
     return (
         "the spec changed after the PyTorchJob was created and the change is not applied: only "
@@ -640,8 +645,10 @@ def compute_status(
     observed: Observed,
     now: str,
     progress: Progress | None = None,
+    digest: str | None = None,
 ) -> FineTuneJobStatus:
-    """The status a job should have now. `progress` replaces the stored progress when given."""
+    """The status a job should have now. `progress` replaces the stored progress when given; `digest` is
+    `spec_hash(job)`, for a caller that keeps it per generation."""
     generation = job.metadata.generation
     state = pytorchjob_state(observed.pytorchjob)
     ended = has_ended(current, state)
@@ -677,7 +684,7 @@ def compute_status(
         summary, failure = _summarise(job, state, observed, failures, adapter)
         put(ConditionType.READY, summary.ready)
         put(ConditionType.RECONCILING, summary.reconciling)
-        if changed := spec_changed_message(job, observed.pytorchjob):
+        if changed := spec_changed_message(job, observed.pytorchjob, digest):
             put(ConditionType.STALLED, ("True", Reason.SPEC_CHANGED, changed))
         else:
             put(ConditionType.STALLED, ("False", summary.ready[1], ""))
