@@ -29,7 +29,10 @@ Quantity = Annotated[
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
             "x-kubernetes-validations": [
-                {"rule": "type(self) == int || isQuantity(self)", "message": "must be a Kubernetes quantity such as 16, 500m or 64Gi"}
+                {
+                    "rule": "type(self) == int || isQuantity(self)",
+                    "message": "must be a Kubernetes quantity such as 16, 500m or 64Gi",
+                }
             ],
         }
     ),
