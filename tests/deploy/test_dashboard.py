@@ -82,7 +82,7 @@ def operator_exposition() -> Iterator[str]:
                     raise RuntimeError("conflict")
         except RuntimeError:
             pass
-    metrics.set_job_phases({"ml/a": "Running", "ml/b": "Succeeded", "ml/c": None})
+    metrics.count_job_phases(lambda: ["Running", "Succeeded", None])
     for kind in ("FineTuneJob", "PyTorchJob", "Pod"):
         metrics.WATCH_EVENTS.labels(kind=kind).inc()
     server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.REGISTRY)

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from kubetune.controller.config import OperatorConfig
-from kubetune.controller.metrics import REGISTRY, reconcile, set_job_phases
+from kubetune.controller.metrics import REGISTRY, count_job_phases, reconcile
 from kubetune.controller.progress import parse_progress
 
 NOW = "2026-01-01T00:00:00Z"
@@ -73,7 +73,7 @@ def test_operator_metrics_count_reconciles_errors_and_phases() -> None:
         pass
     with pytest.raises(RuntimeError), reconcile("FineTuneJob"):
         raise RuntimeError("boom")
-    set_job_phases({"ml/a": "Running", "ml/b": "Running", "ml/c": None})
+    count_job_phases(lambda: ["Running", "Running", None])
     text = generate_latest(REGISTRY).decode()
     assert 'kubetune_operator_reconciles_total{kind="FineTuneJob",result="success"}' in text
     assert 'kubetune_operator_reconcile_errors_total{kind="FineTuneJob",reason="RuntimeError"} 1.0' in text

@@ -48,7 +48,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 _reconciler: Reconciler | None = None
-_phases: dict[str, str | None] = {}
 
 
 def reconciler() -> Reconciler:
@@ -95,16 +94,9 @@ def stop_workers(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def finetunejob_changed(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
-    """Store the job, queue it, and keep the FineTuneJobs-by-phase gauge."""
-    body = event["object"]
-    reconciler().job_event(event.get("type"), body)
-    key = f"{namespace}/{name}"
-    if event.get("type") == "DELETED":
-        _phases.pop(key, None)
-    else:
-        _phases[key] = (body.get("status") or {}).get("phase")
-    metrics.set_job_phases(_phases)
+async def finetunejob_changed(event: kopf.RawEvent, **_: Any) -> None:
+    """Store the job and queue it (the by-phase gauge counts the store when scraped)."""
+    reconciler().job_event(event.get("type"), event["object"])
 
 
 @kopf.on.event(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL, labels=OURS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,11 +66,21 @@ def reconcile(kind: str) -> Iterator[None]:
         RECONCILE_DURATION.labels(kind=kind).observe(time.monotonic() - started)
 
 
-def set_job_phases(phases: Mapping[str, str | None]) -> None:
-    """Sets the by-phase gauge from every known job's phase (a job without one yet counts as Pending)."""
-    counts = {phase.value: 0 for phase in Phase}
-    for phase in phases.values():
-        key = phase if phase in counts else Phase.PENDING.value
-        counts[key] += 1
-    for phase_name, count in counts.items():
-        FINETUNEJOBS.labels(phase=phase_name).set(count)
+PHASE_NAMES = frozenset(phase.value for phase in Phase)
+PENDING = Phase.PENDING.value
+
+
+def count_job_phases(phases: Callable[[], Iterable[str | None]]) -> None:
+    """The by-phase gauge counts, at each scrape, the phases `phases` returns: every known job's (a job
+    without one yet counts as Pending). Counted when scraped, not on every watch event."""
+
+    def counter(wanted: str) -> Callable[[], float]:
+        def count() -> float:
+            return float(
+                sum(1 for phase in phases() if (phase if phase in PHASE_NAMES else PENDING) == wanted)
+            )
+
+        return count
+
+    for name in PHASE_NAMES:
+        FINETUNEJOBS.labels(phase=name).set_function(counter(name))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +53,7 @@ LIST_GRACE_SECONDS = 1.0
 STOP_SECONDS = 20.0
 """How long a stopping operator waits for reconciles in flight."""
 DELETED = "DELETED"
+TERMINAL_VALUES = tuple(phase.value for phase in TERMINAL_PHASES)
 
 log = logging.getLogger("kubetune.operator")
 
@@ -89,6 +90,7 @@ class Reconciler:
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         metrics.QUEUE_DEPTH.set_function(lambda: float(self.queue.depth()))
+        metrics.count_job_phases(self.store.phases)
 
     def start(self) -> None:
         for index in range(self.settings.workers):
@@ -123,23 +125,26 @@ class Reconciler:
         self.queue.add(key)
 
     def pytorchjob_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        if (key := owner_key(body)) is None:
-            return
-        metrics.WATCH_EVENTS.labels(kind="PyTorchJob").inc()
-        if event_type == DELETED:
-            self.store.drop_pytorchjob(key, body)
-        else:
-            self.store.put_pytorchjob(key, body)
-        self.queue.add(key)
+        self._child_event(
+            "PyTorchJob", event_type, body, self.store.put_pytorchjob, self.store.drop_pytorchjob
+        )
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        self._child_event("Pod", event_type, body, self.store.put_pod, self.store.drop_pod)
+
+    def _child_event(
+        self,
+        kind: str,
+        event_type: str | None,
+        body: Mapping[str, Any],
+        put: Callable[[JobKey, Mapping[str, Any]], None],
+        drop: Callable[[JobKey, Mapping[str, Any]], None],
+    ) -> None:
+        """A child of ours changed: store it under its job, and queue the job."""
         if (key := owner_key(body)) is None:
             return
-        metrics.WATCH_EVENTS.labels(kind="Pod").inc()
-        if event_type == DELETED:
-            self.store.drop_pod(key, body)
-        else:
-            self.store.put_pod(key, body)
+        metrics.WATCH_EVENTS.labels(kind=kind).inc()
+        (drop if event_type == DELETED else put)(key, body)
         self.queue.add(key)
 
     # ------------------------------------------------------------------------------------- workers
@@ -322,9 +327,3 @@ class Reconciler:
             return
         log.info(f"{job.namespace}/{job.name}: stopping the PyTorchJob: {status.message}")
         self.store.put_pytorchjob((job.namespace, job.name), self.kube.stop_pytorchjob(job))
-
-    def describe(self) -> dict[str, Any]:
-        return {**self.store.sizes(), "queued": self.queue.depth()}
-
-
-TERMINAL_VALUES = tuple(phase.value for phase in TERMINAL_PHASES)

@@ -157,10 +157,7 @@ class Store:
         with self._lock:
             self._deleted.pop(key, None)
 
-    def sizes(self) -> dict[str, int]:
+    def phases(self) -> list[str | None]:
+        """Each stored job's status.phase (None before its first status)."""
         with self._lock:
-            return {
-                "finetunejobs": len(self._jobs),
-                "pytorchjobs": len(self._pytorchjobs),
-                "pods": sum(len(p) for p in self._pods.values()),
-            }
+            return [(job.get("status") or {}).get("phase") for job in self._jobs.values()]
