@@ -45,8 +45,9 @@ def is_newer(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bo
     """Whether `candidate` is a later state of the object than `held`.
 
     resourceVersions are opaque by contract, but every API server backed by etcd issues them as increasing
-    integers; comparing them keeps a late watch event from undoing a write whose response came first. A
-    version that is not an integer, or another object with the same name (a new UID), always wins.
+    integers; comparing them keeps a late watch event from undoing a write whose response came first. The
+    same version is the same state: the watch event of our own write, whose answer is already here, is not
+    news. A version that is not an integer, or another object with the same name (a new UID), always wins.
     """
     if held is None:
         return True
@@ -54,9 +55,29 @@ def is_newer(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bo
     if new_meta.get("uid") != old_meta.get("uid"):
         return True
     try:
-        return int(str(new_meta.get("resourceVersion"))) >= int(str(old_meta.get("resourceVersion")))
+        return int(str(new_meta.get("resourceVersion"))) > int(str(old_meta.get("resourceVersion")))
     except (TypeError, ValueError):
         return True
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The UID of the object's controlling owner (a pod's PyTorchJob), if it names one."""
+    for owner in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if owner.get("controller"):
+            return str(owner.get("uid") or "") or None
+    return None
+
+
+def belongs_to(pod: Mapping[str, Any], pytorchjob: Mapping[str, Any] | None) -> bool:
+    """Whether a pod labelled with the job's name is the current PyTorchJob's.
+
+    A job deleted and created again under the same name has the same label on its predecessor's pods
+    while the garbage collector removes them; their failures are not the new job's. A pod with no
+    controlling owner, or seen while the PyTorchJob is not (yet) known, cannot be judged and is kept.
+    """
+    owner = controller_uid(pod)
+    current = ((pytorchjob or {}).get("metadata") or {}).get("uid")
+    return owner is None or not current or owner == current
 
 
 @dataclass(frozen=True)
@@ -81,11 +102,14 @@ class Store:
 
     # ------------------------------------------------------------------------------------------ jobs
 
-    def put_job(self, body: Mapping[str, Any]) -> None:
+    def put_job(self, body: Mapping[str, Any]) -> bool:
+        """Keep the job if it is a later state than the one held; returns whether it was."""
         key = job_key(body)
         with self._lock:
-            if is_newer(body, self._jobs.get(key)):
-                self._jobs[key] = trimmed(body)
+            if not is_newer(body, self._jobs.get(key)):
+                return False
+            self._jobs[key] = trimmed(body)
+            return True
 
     def drop_job(self, key: JobKey) -> None:
         """The FineTuneJob is gone; the garbage collector removes its children and their watch events
@@ -103,10 +127,12 @@ class Store:
 
     # -------------------------------------------------------------------------------------- children
 
-    def put_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
+    def put_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> bool:
         with self._lock:
-            if is_newer(body, self._pytorchjobs.get(key)):
-                self._pytorchjobs[key] = trimmed(body)
+            if not is_newer(body, self._pytorchjobs.get(key)):
+                return False
+            self._pytorchjobs[key] = trimmed(body)
+            return True
 
     def drop_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
         with self._lock:
@@ -116,14 +142,16 @@ class Store:
             ).get("uid"):
                 del self._pytorchjobs[key]
 
-    def put_pod(self, key: JobKey, body: Mapping[str, Any]) -> None:
+    def put_pod(self, key: JobKey, body: Mapping[str, Any]) -> bool:
         uid = pod_uid(body)
         with self._lock:
             if uid in self._deleted.get(key, {}):
-                return  # a late event of a pod already deleted
+                return False  # a late event of a pod already deleted
             pods = self._pods.setdefault(key, {})
-            if is_newer(body, pods.get(uid)):
-                pods[uid] = trimmed(body)
+            if not is_newer(body, pods.get(uid)):
+                return False
+            pods[uid] = trimmed(body)
+            return True
 
     def drop_pod(self, key: JobKey, body: Mapping[str, Any]) -> None:
         """A deleted pod leaves the live set and waits, in its final state, for a reconcile to bank it."""
@@ -136,19 +164,28 @@ class Store:
             self._deleted.setdefault(key, {})[uid] = trimmed(body)
 
     def children(self, key: JobKey) -> Children:
+        """The job's PyTorchJob and that PyTorchJob's pods (see `belongs_to`)."""
         with self._lock:
+            pytorchjob = self._pytorchjobs.get(key)
             return Children(
-                pytorchjob=self._pytorchjobs.get(key),
-                pods=tuple(self._pods.get(key, {}).values()),
-                deleted_pods=tuple(self._deleted.get(key, {}).values()),
+                pytorchjob=pytorchjob,
+                pods=tuple(p for p in self._pods.get(key, {}).values() if belongs_to(p, pytorchjob)),
+                deleted_pods=tuple(
+                    p for p in self._deleted.get(key, {}).values() if belongs_to(p, pytorchjob)
+                ),
             )
 
     def accounted(self, key: JobKey, deleted_pods: tuple[Manifest, ...]) -> None:
-        """These deleted pods are in the job's status now: forget them."""
+        """These deleted pods are in the job's status now: forget them, and any deleted pod of a
+        predecessor's PyTorchJob, which no status will ever take."""
         with self._lock:
             waiting = self._deleted.get(key, {})
             for pod in deleted_pods:
                 waiting.pop(pod_uid(pod), None)
+            pytorchjob = self._pytorchjobs.get(key)
+            for uid, pod in list(waiting.items()):
+                if not belongs_to(pod, pytorchjob):
+                    del waiting[uid]
             if not waiting:
                 self._deleted.pop(key, None)
 
