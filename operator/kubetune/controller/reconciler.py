@@ -120,8 +120,8 @@ class Reconciler:
                 self._statuses.pop(key, None)
                 self._missed.discard(key)
                 self._progress.pop(key, None)
-        else:
-            self.store.put_job(body)
+        elif not self.store.put_job(body):
+            return  # the echo of our own status write, or a late event: nothing new to act on
         self.queue.add(key)
 
     def pytorchjob_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -137,14 +137,18 @@ class Reconciler:
         kind: str,
         event_type: str | None,
         body: Mapping[str, Any],
-        put: Callable[[JobKey, Mapping[str, Any]], None],
+        put: Callable[[JobKey, Mapping[str, Any]], bool],
         drop: Callable[[JobKey, Mapping[str, Any]], None],
     ) -> None:
-        """A child of ours changed: store it under its job, and queue the job."""
+        """A child of ours changed: store it under its job, and queue the job (not for the echo of a
+        PyTorchJob we created or patched: the store has the answer already)."""
         if (key := owner_key(body)) is None:
             return
         metrics.WATCH_EVENTS.labels(kind=kind).inc()
-        (drop if event_type == DELETED else put)(key, body)
+        if event_type == DELETED:
+            drop(key, body)
+        elif not put(key, body):
+            return
         self.queue.add(key)
 
     # ------------------------------------------------------------------------------------- workers

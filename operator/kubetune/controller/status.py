@@ -724,7 +724,7 @@ def compute_status(
             "adapter": adapter,
             "gpu_seconds": cost or None,
             "gpu_seconds_of_deleted_pods": round(banked, 1) or None,
-            "restarts": failures.restarts or None,
+            "restarts": failures.restarts,
             "last_failure": failures.last,
             "start_time": start_time,
             "completion_time": completion_time,
