@@ -62,7 +62,7 @@ def test_resource_names_columns_and_status_subresource() -> None:
     [version] = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Method", "Model", "Progress", "Loss", "Age"]
+    assert columns == ["Phase", "Method", "Model", "Progress", "Loss", "Restarts", "Age"]
 
 
 def test_enums_ranges_and_defaults_reach_the_schema() -> None:

@@ -29,6 +29,12 @@ PRINTER_COLUMNS = [
         "description": "Percent of optimizer steps done",
     },
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "description": "Restarts after retryable failures, against spec.runPolicy.backoffLimit",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 GENERATED_HEADER = (
