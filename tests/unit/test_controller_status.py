@@ -745,6 +745,28 @@ def test_a_peer_lost_seen_before_its_cause_is_one_restart_and_the_cause_replaces
     assert compute_status(the_job, status, running(master, worker, other), T3) == status
 
 
+def test_the_cause_that_replaces_a_peer_lost_gets_an_event_of_its_own() -> None:
+    """The restart's Warning named PeerLost, the first failure seen; when the OOM-killed worker shows up,
+    `kubectl describe` says so too, once."""
+    from kubetune.controller.kube import Transition, transition_events
+
+    the_job = three_node_job()
+    worker, master, other = node_loss(1, T1)
+    announced = compute_status(the_job, FineTuneJobStatus(), running(master), T1)
+    explained = compute_status(the_job, announced, running(master, worker, other), T2)
+
+    events = transition_events(Transition(body={}, before=announced, after=explained))
+    assert events == [
+        (
+            "Warning",
+            "OOMKilled",
+            "pod demo-worker-0 failed with OOMKilled, exit code 137: the cause of restart 1",
+        )
+    ]
+    settled = compute_status(the_job, explained, running(master, worker, other), T3)
+    assert transition_events(Transition(body={}, before=explained, after=settled)) == []
+
+
 def test_a_lost_node_whose_pod_is_evicted_minutes_after_its_peers_exited_is_one_restart() -> None:
     """The node stops answering at T1; its pod turns not-ready 40 s later and the taint evicts it 300 s after
     that, while the master exited PeerLost at once and was already replaced."""

@@ -32,6 +32,7 @@ from kubetune.api.v1alpha1 import (
     FineTuneJobStatus,
     Phase,
     Progress,
+    Reason,
 )
 from kubetune.controller.conditions import find_condition, utc_now
 from kubetune.controller.config import OperatorConfig
@@ -112,6 +113,10 @@ def transition_events(change: Transition) -> list[tuple[str, str, str]]:
         events.append(
             ("Warning", last.reason, f"{describe_failure(last)}; replaced (restart {after.restarts})")
         )
+    elif _cause_found(before, after) and last is not None:
+        events.append(
+            ("Warning", last.reason, f"{describe_failure(last)}: the cause of restart {after.restarts}")
+        )
     stalled_before = find_condition(before.conditions, ConditionType.STALLED)
     stalled_after = find_condition(after.conditions, ConditionType.STALLED)
     if (
@@ -133,6 +138,21 @@ def transition_events(change: Transition) -> list[tuple[str, str, str]]:
         elif not (before.phase is None and after.phase is Phase.PENDING):
             events.append(("Normal", after.phase.value, after.message or ""))
     return events
+
+
+def _cause_found(before: FineTuneJobStatus, after: FineTuneJobStatus) -> bool:
+    """A restart announced as PeerLost (a survivor's failure, seen first) whose cause, another pod's
+    failure, has just replaced it in lastFailure: `kubectl describe` should show the cause too."""
+    old, new = before.last_failure, after.last_failure
+    return (
+        old is not None
+        and new is not None
+        and old.reason == Reason.PEER_LOST
+        and new.reason != Reason.PEER_LOST
+        and new.pod_uid != old.pod_uid
+        and after.restarts == before.restarts
+        and after.phase == before.phase
+    )
 
 
 @dataclass
