@@ -91,3 +91,19 @@ def test_concurrent_workers_never_hold_the_same_key() -> None:
     for worker in workers:
         worker.join(timeout=5)
     assert clashes == []
+
+
+def test_a_key_added_now_does_not_also_wait_for_its_delayed_add() -> None:
+    """A restarted operator delays a job whose PyTorchJob the watch has not listed yet; when the
+    PyTorchJob's event comes first, the job runs then, and once."""
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add_after("ns/a", 0.05)
+    queue.add_after("ns/a", 10)  # a later time for a key due sooner changes nothing
+    assert queue.depth() == 1
+    queue.add("ns/a")
+    assert queue.get() == "ns/a"
+    queue.done("ns/a")
+    assert queue.depth() == 0
+    time.sleep(0.1)
+    queue.add("ns/b")
+    assert queue.get() == "ns/b", "the superseded delayed add of ns/a does not come back"

@@ -8,6 +8,7 @@ what the watches delivered (see reconciler.py for why not in kopf's per-object h
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -76,7 +77,9 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
         # installed after the operator started is seen at its next restart.
         settings.scanning.disabled = True
     kube = Kube(api_client=new_api_client(), settings=SETTINGS)
-    kube.warm_up()
+    # Beside the watches, not before them: kopf lists nothing until the startup handlers return, and the
+    # imports take a second of a restart that reconciles from the lists alone.
+    threading.Thread(target=kube.warm_up, name="warm-up", daemon=True).start()
     _reconciler = Reconciler(kube, SETTINGS)
     _reconciler.start()
     if SETTINGS.metrics_port:

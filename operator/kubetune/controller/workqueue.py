@@ -5,7 +5,9 @@ separately. kopf serialises the handling of one object, not of one job, so event
 PyTorchJob would otherwise race into conflicting status writes, and a burst of events would cost one full
 reconcile each. This is client-go's `workqueue` in the few lines Python needs (no maintained Python port
 exists): a key added while it waits is not added twice, a key added while a worker has it is worked on again
-once that worker is done, and a failed key comes back after a growing delay.
+once that worker is done, and a failed key comes back after a growing delay. One departure: a key added now
+no longer waits for a delayed add of it as well (client-go would run it twice); the reconcile that runs now
+sees everything the delayed one would have, and a failure schedules its own retry.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class WorkQueue(Generic[K]):
         """Keys in `_ready`, or that will be once their worker is done."""
         self._busy: set[K] = set()
         self._later: list[tuple[float, int, K]] = []
+        self._due: dict[K, float] = {}
+        """When each delayed key is due; heap entries that disagree with it were superseded."""
         self._order = itertools.count()
         self._failures: dict[K, int] = {}
         self._shut = False
@@ -38,6 +42,7 @@ class WorkQueue(Generic[K]):
 
     def add(self, key: K) -> None:
         with self._changed:
+            self._due.pop(key, None)
             self._add(key)
 
     def _add(self, key: K) -> None:
@@ -49,10 +54,13 @@ class WorkQueue(Generic[K]):
             self._changed.notify()
 
     def add_after(self, key: K, seconds: float) -> None:
+        """Add the key in `seconds`, unless it is due sooner already."""
         with self._changed:
-            if self._shut:
+            at = time.monotonic() + seconds
+            if self._shut or self._due.get(key, at) < at:
                 return
-            heapq.heappush(self._later, (time.monotonic() + seconds, next(self._order), key))
+            self._due[key] = at
+            heapq.heappush(self._later, (at, next(self._order), key))
             self._changed.notify()
 
     def retry(self, key: K) -> float:
@@ -77,7 +85,10 @@ class WorkQueue(Generic[K]):
                     return None
                 now = time.monotonic()
                 while self._later and self._later[0][0] <= now:
-                    self._add(heapq.heappop(self._later)[2])
+                    at, _, due = heapq.heappop(self._later)
+                    if self._due.get(due) == at:
+                        del self._due[due]
+                        self._add(due)
                 if self._ready:
                     key = self._ready.popleft()
                     self._waiting.discard(key)
@@ -96,7 +107,7 @@ class WorkQueue(Generic[K]):
     def depth(self) -> int:
         """Keys waiting for a worker: ready now, due later (a retry), or queued again while being worked on."""
         with self._changed:
-            return len(self._waiting | {key for _, _, key in self._later})
+            return len(self._waiting | self._due.keys())
 
     def shut_down(self) -> None:
         with self._changed:
