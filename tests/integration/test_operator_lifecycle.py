@@ -428,6 +428,8 @@ def test_an_oom_killed_pod_retried_until_its_backoff_limit_ends_failed_with_reas
     assert f"pod {name}-master-0 failed with OOMKilled, exit code 137" in message
     assert "backoff limit reached after 1 restart(s) (spec.runPolicy.backoffLimit 1)" in message
     assert status["restarts"] == 1
+    header, row = cluster.kubectl("-n", namespace, "get", "finetunejob", name).stdout.splitlines()[:2]
+    assert row[header.index("RESTARTS") :].split()[0] == "1", "kubectl get shows restarts, as for pods"
     last = status["lastFailure"]
     assert (last["reason"], last["exitCode"], last["pod"]) == ("OOMKilled", 137, f"{name}-master-0")
     assert any(s.get("restarts") == 1 and s.get("phase") == "Running" for s in history.statuses), (
