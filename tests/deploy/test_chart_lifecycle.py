@@ -129,6 +129,23 @@ def test_the_charts_operator_takes_a_job_from_kubectl_apply_to_succeeded_under_i
                 operator.fullname, namespace
             )
             assert lease.spec.holder_identity and lease.spec.renew_time, lease.spec
+            # Owned by the ServiceAccount (from the holder's first renewal), so it goes with the release.
+            leases = client.CoordinationV1Api(cluster.api_client)
+            owner = ("ServiceAccount", operator.service_account.rsplit(":", 1)[1])
+            wait_for(
+                lambda: (
+                    [
+                        (o.kind, o.name)
+                        for o in leases.read_namespaced_lease(
+                            operator.fullname, namespace
+                        ).metadata.owner_references
+                        or []
+                    ]
+                    == [owner]
+                ),
+                timeout=15,
+                description="the Lease owned by the operator's ServiceAccount",
+            )
 
             name = "chart-job"
             history = PhaseHistory(cluster, team, name)
@@ -179,14 +196,13 @@ def test_the_charts_operator_takes_a_job_from_kubectl_apply_to_succeeded_under_i
             timeout=60,
             description="the release's objects gone",
         )
-        # Nothing of the chart remains. The leader-election Lease may: the operator makes it at run time, and
-        # helm deletes the Role that lets the operator hand it back before the pod gets its SIGTERM (the
-        # operator logs "could not hand the leader lease back (Forbidden)").
-        lease_name = f"lease.coordination.k8s.io/{operator.fullname}"
+        # Nothing of the chart remains, not even the leader-election Lease the operator made at run time: helm
+        # deletes the Role that would let the operator delete it before the pod gets its SIGTERM, and the
+        # garbage collector removes it with the ServiceAccount that owns it.
         wait_for(
-            lambda: set(namespace_contents(cluster, namespace)) <= {lease_name},
+            lambda: namespace_contents(cluster, namespace) == [],
             timeout=60,
-            description="the release namespace emptied",
+            description="the release namespace emptied, the Lease too",
         )
         assert namespace_contents(cluster, team) == []
         assert cluster.has_crd(CRD), "helm never deletes a CRD it installed from crds/"

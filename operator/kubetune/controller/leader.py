@@ -9,7 +9,10 @@ is what an operator needs around it:
 - a leader that cannot renew its Lease exits at once (as controller-runtime does), before a standby can take
   over, so two replicas never reconcile together; Kubernetes restarts the container as a new standby;
 - a leader that stops on its own (SIGTERM on a rollout) hands the Lease back, so its successor starts at once
-  instead of after the lease duration.
+  instead of after the lease duration;
+- the Lease is owned by the replicas' ServiceAccount, so `helm uninstall` (which deletes the Role before the
+  pods stop, so no replica can delete it) leaves no Lease behind: the garbage collector removes it with the
+  ServiceAccount.
 """
 
 from __future__ import annotations
@@ -43,17 +46,48 @@ class LeaseSettings:
     retry_period_seconds: int = 2
 
 
-class _StoppableLeaseLock(LeaseLock):
-    """A LeaseLock that stops writing once ``stopped`` is set, so a released Lease is not taken again."""
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
-    def __init__(self, settings: LeaseSettings, stopped: threading.Event) -> None:
+
+def service_account_owner(namespace: str) -> list[client.V1OwnerReference]:
+    """An owner reference to this process's ServiceAccount when it runs as one in `namespace` (as the chart's
+    replicas do), else none. A SelfSubjectReview answers who we are; every authenticated user may ask."""
+    try:
+        review = client.AuthenticationV1Api().create_self_subject_review(
+            client.V1SelfSubjectReview(api_version="authentication.k8s.io/v1", kind="SelfSubjectReview")
+        )
+    except ApiException as error:
+        log.info("the leader lease gets no owner: who-am-I review refused (%s)", error.reason)
+        return []
+    user = review.status.user_info if review.status else None
+    parts = (user.username or "").removeprefix(SERVICE_ACCOUNT_PREFIX).split(":") if user else []
+    if user is None or not user.uid or len(parts) != 2 or parts[0] != namespace:
+        return []
+    return [client.V1OwnerReference(api_version="v1", kind="ServiceAccount", name=parts[1], uid=user.uid)]
+
+
+class _StoppableLeaseLock(LeaseLock):
+    """A LeaseLock that stops writing once ``stopped`` is set, so a released Lease is not taken again, and
+    that puts `owners` on the Lease at its holder's first renewal (the library's create takes no metadata)."""
+
+    def __init__(
+        self, settings: LeaseSettings, stopped: threading.Event, owners: list[client.V1OwnerReference]
+    ) -> None:
         super().__init__(settings.name, settings.namespace, settings.identity)  # type: ignore[no-untyped-call]
-        self.stopped = stopped
+        self.stopped, self.owners = stopped, owners
 
     def create(self, name: str, namespace: str, election_record: object) -> bool:
         return not self.stopped.is_set() and bool(super().create(name, namespace, election_record))  # type: ignore[no-untyped-call]
 
     def update(self, name: str, namespace: str, updated_record: object) -> bool:
+        lease = self.lease_reference
+        if (
+            lease is not None
+            and lease.metadata is not None
+            and self.owners
+            and not lease.metadata.owner_references
+        ):
+            lease.metadata.owner_references = self.owners
         return not self.stopped.is_set() and bool(super().update(name, namespace, updated_record))  # type: ignore[no-untyped-call]
 
 
@@ -116,7 +150,7 @@ def run_as_leader(settings: LeaseSettings, run: Callable[[], None], health_port:
     leading, stopped = threading.Event(), threading.Event()
     election = leaderelection.LeaderElection(  # type: ignore[no-untyped-call]
         electionconfig.Config(  # type: ignore[no-untyped-call]
-            _StoppableLeaseLock(settings, stopped),
+            _StoppableLeaseLock(settings, stopped, service_account_owner(settings.namespace)),
             lease_duration=settings.lease_duration_seconds,
             renew_deadline=settings.renew_deadline_seconds,
             retry_period=settings.retry_period_seconds,
