@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kubetune.controller.pods import pod_uid
 from kubetune.render.labels import JOB_NAME
@@ -19,6 +19,7 @@ from kubetune.render.labels import JOB_NAME
 Manifest = dict[str, Any]
 JobKey = tuple[str, str]
 """(namespace, name) of a FineTuneJob."""
+K = TypeVar("K")
 
 
 def job_key(obj: Mapping[str, Any]) -> JobKey:
@@ -58,6 +59,14 @@ def is_newer(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bo
         return int(str(new_meta.get("resourceVersion"))) > int(str(old_meta.get("resourceVersion")))
     except (TypeError, ValueError):
         return True
+
+
+def keep_if_newer(held: dict[K, Manifest], key: K, body: Mapping[str, Any]) -> bool:
+    """Hold `body` under `key` if it is a later state than the one held there; returns whether it was."""
+    if not is_newer(body, held.get(key)):
+        return False
+    held[key] = trimmed(body)
+    return True
 
 
 def controller_uid(obj: Mapping[str, Any]) -> str | None:
@@ -104,12 +113,8 @@ class Store:
 
     def put_job(self, body: Mapping[str, Any]) -> bool:
         """Keep the job if it is a later state than the one held; returns whether it was."""
-        key = job_key(body)
         with self._lock:
-            if not is_newer(body, self._jobs.get(key)):
-                return False
-            self._jobs[key] = trimmed(body)
-            return True
+            return keep_if_newer(self._jobs, job_key(body), body)
 
     def drop_job(self, key: JobKey) -> None:
         """The FineTuneJob is gone; the garbage collector removes its children and their watch events
@@ -129,10 +134,7 @@ class Store:
 
     def put_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> bool:
         with self._lock:
-            if not is_newer(body, self._pytorchjobs.get(key)):
-                return False
-            self._pytorchjobs[key] = trimmed(body)
-            return True
+            return keep_if_newer(self._pytorchjobs, key, body)
 
     def drop_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
         with self._lock:
@@ -147,11 +149,7 @@ class Store:
         with self._lock:
             if uid in self._deleted.get(key, {}):
                 return False  # a late event of a pod already deleted
-            pods = self._pods.setdefault(key, {})
-            if not is_newer(body, pods.get(uid)):
-                return False
-            pods[uid] = trimmed(body)
-            return True
+            return keep_if_newer(self._pods.setdefault(key, {}), uid, body)
 
     def drop_pod(self, key: JobKey, body: Mapping[str, Any]) -> None:
         """A deleted pod leaves the live set and waits, in its final state, for a reconcile to bank it."""
