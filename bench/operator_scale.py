@@ -65,6 +65,15 @@ from bench.common import (
     summarize,
     write_results,
 )
+from bench.raw_list import (
+    GROUP,
+    PLURAL,
+    PTJ_GROUP,
+    PTJ_PLURAL,
+    PTJ_VERSION,
+    VERSION,
+    list_what_the_operator_lists,
+)
 from kubetune.api.v1alpha1 import parse_job
 from kubetune.render import RenderConfig, build_all
 
@@ -85,10 +94,7 @@ OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 PEER_USER = "training-operator"  # the client certificate hack/cluster gives the training operator
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-PTJ_GROUP, PTJ_VERSION, PTJ_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 PTJ_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the pods it makes
-OURS = "app.kubernetes.io/managed-by=kubetune"
 
 SUBMIT_WORKERS = 16
 PROFILE_JOBS = 300  # enough to show the per-job costs; the profile does not need the largest N
@@ -1104,37 +1110,12 @@ def _wait_settled(operator: OperatorProcess, jobs: int, timeout: float) -> float
 
 def _raw_list_seconds(api: client.ApiClient, repeats: int = 3) -> float:
     """The best of a few lists of what the operator lists on start: FineTuneJobs, our PyTorchJobs and pods."""
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     best = math.inf
     for _ in range(repeats):
         started = time.monotonic()
-        responses: tuple[Any, ...] = (
-            custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _preload_content=False),
-            custom.list_cluster_custom_object(
-                PTJ_GROUP, PTJ_VERSION, PTJ_PLURAL, label_selector=OURS, _preload_content=False
-            ),
-            core.list_pod_for_all_namespaces(label_selector=OURS, _preload_content=False),
-        )
-        for response in responses:
-            json.loads(response.data)
+        list_what_the_operator_lists(api)
         best = min(best, time.monotonic() - started)
     return best
-
-
-FRESH_LIST = f"""
-import json, sys
-from kubernetes import client, config
-api = config.new_client_from_config(sys.argv[1])
-custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-for response in (
-    custom.list_cluster_custom_object({GROUP!r}, {VERSION!r}, {PLURAL!r}, _preload_content=False),
-    custom.list_cluster_custom_object(
-        {PTJ_GROUP!r}, {PTJ_VERSION!r}, {PTJ_PLURAL!r}, label_selector={OURS!r}, _preload_content=False
-    ),
-    core.list_pod_for_all_namespaces(label_selector={OURS!r}, _preload_content=False),
-):
-    json.loads(response.data)
-"""
 
 
 def _fresh_process_list_seconds(cluster: BenchCluster, repeats: int = 3) -> float:
@@ -1145,7 +1126,10 @@ def _fresh_process_list_seconds(cluster: BenchCluster, repeats: int = 3) -> floa
     for _ in range(repeats):
         started = time.monotonic()
         subprocess.run(
-            [sys.executable, "-c", FRESH_LIST, str(cluster.kubeconfig)], check=True, capture_output=True
+            [sys.executable, "-m", "bench.raw_list", str(cluster.kubeconfig)],
+            cwd=REPO_DIR,
+            check=True,
+            capture_output=True,
         )
         best = min(best, time.monotonic() - started)
     return best
