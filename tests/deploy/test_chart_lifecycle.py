@@ -125,12 +125,10 @@ def test_the_charts_operator_takes_a_job_from_kubectl_apply_to_succeeded_under_i
             assert token_identity(cluster, user["token"]) == operator.service_account
 
             # It holds the leader-election Lease, which the chart lets it create and renew (that Lease only).
-            lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease(
-                operator.fullname, namespace
-            )
+            leases = client.CoordinationV1Api(cluster.api_client)
+            lease = leases.read_namespaced_lease(operator.fullname, namespace)
             assert lease.spec.holder_identity and lease.spec.renew_time, lease.spec
             # Owned by the ServiceAccount (from the holder's first renewal), so it goes with the release.
-            leases = client.CoordinationV1Api(cluster.api_client)
             owner = ("ServiceAccount", operator.service_account.rsplit(":", 1)[1])
             wait_for(
                 lambda: (
