@@ -79,10 +79,16 @@ def reload_published(method: str, base_dir: Path, published: Path, spec: Any) ->
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer.methods import quantization_config
+    from kubetune_trainer.train import keep_quantized_base_as_loaded, weights_dtype
 
     if method in ("freeze", "full"):
         return AutoModelForCausalLM.from_pretrained(published)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization_config(spec))
+    # The base as training loaded it, and run on the same kernels: bitsandbytes' AVX512-BF16 CPU kernel
+    # rounds the block scales to bfloat16, which moves logits by about 1e-4.
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=weights_dtype(spec), quantization_config=quantization_config(spec)
+    )
+    keep_quantized_base_as_loaded(base)
     return PeftModel.from_pretrained(base, published)
 
 

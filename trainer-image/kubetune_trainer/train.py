@@ -228,11 +228,27 @@ def load_model(
         if torch.cuda.is_available() and spec.deepspeed is None:
             kwargs["device_map"] = {"": distributed.local_rank()}
     model = MODEL_CLASSES[spec.model.task].from_pretrained(model_dir, **kwargs)
+    if quantization is not None:
+        keep_quantized_base_as_loaded(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if spec.model.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def keep_quantized_base_as_loaded(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' repacking of 4-bit layers for its AVX512-BF16 CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer at its first forward in eval mode
+    without gradients (as every evaluation runs), rounding the block scales to bfloat16, and quantizes them
+    again whenever the state dict is read (as every checkpoint does). Each eval-and-save cycle of a run on
+    such a CPU then moved the frozen base a little; the reloaded adapter's logits no longer matched the
+    trained model's. The repacking only speeds up CPU inference, so training goes without it.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bitsandbytes attribute)
 
 
 # ----------------------------------------------------------------------------------- training
