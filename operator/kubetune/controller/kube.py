@@ -53,6 +53,9 @@ NOT_FOUND = 404
 NODE_READY_TTL_SECONDS = 10.0
 EVENT_SOURCE = "kubetune-operator"
 MAX_EVENT_MESSAGE = 1024
+CORE_PREFIX = "/api/v1"
+CONFIGMAPS = "/namespaces/{namespace}/configmaps"
+CONFIGMAP = CONFIGMAPS + "/{name}"
 
 
 def new_api_client() -> client.ApiClient:
@@ -165,19 +168,38 @@ class Kube:
     _nodes_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @cached_property
-    def core(self) -> client.CoreV1Api:
-        return client.CoreV1Api(self.api_client)
-
-    @cached_property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api_client)
 
     def warm_up(self) -> None:
-        """Import the API modules now (the core one takes a second), not in the first job's reconcile."""
-        _ = self.core, self.custom
+        """Import the API module now, not in the first job's reconcile."""
+        _ = self.custom
 
-    def as_dict(self, obj: Any) -> Manifest:
-        return cast(Manifest, self.api_client.sanitize_for_serialization(obj))  # type: ignore[no-untyped-call]
+    def core_request(self, method: str, path: str, body: Manifest | None = None, **names: str) -> Manifest:
+        """A request to the core group (`/api/v1` + `path`, whose `{placeholders}` are filled from `names`);
+        the answer as parsed JSON. Raises ApiException on an error status, as the generated clients do.
+
+        Not through the client's CoreV1Api: its module and the models it imports cost a second of CPU and
+        19 MiB per process, 13% of a restart's CPU at a thousand jobs, for five calls whose answers are read
+        as plain JSON anyway. The ApiClient underneath still does authentication, TLS and retries.
+        """
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            # The patches here are partial objects: a JSON merge patch.
+            headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=CORE_PREFIX + path,
+            path_params=names,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return cast(Manifest, json.loads(data)) if data else {}
 
     # ------------------------------------------------------------------------------------------- reads
 
@@ -225,8 +247,8 @@ class Kube:
         if cached is not None and now - cached[0] < NODE_READY_TTL_SECONDS:
             return cached[1]
         try:
-            node = cast(Manifest, self.core.read_node(name, _preload_content=False))
-            conditions = (json.loads(node.data).get("status") or {}).get("conditions") or []  # type: ignore[attr-defined]
+            node = self.core_request("GET", "/nodes/{name}", name=name)
+            conditions = (node.get("status") or {}).get("conditions") or []
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
         except ApiException as error:
             if error.status != NOT_FOUND:
@@ -257,14 +279,9 @@ class Kube:
                 job,
                 "ConfigMap",
                 name,
-                # The answer is not read: skip building client models from it.
-                create=lambda: self.core.create_namespaced_config_map(
-                    job.namespace,
-                    configmap,  # type: ignore[arg-type]
-                    _preload_content=False,
-                ),
-                read=lambda: self.as_dict(self.core.read_namespaced_config_map(name, job.namespace)),
-                patch=lambda body: self.core.patch_namespaced_config_map(name, job.namespace, body),
+                create=lambda: self.core_request("POST", CONFIGMAPS, configmap, namespace=job.namespace),
+                read=lambda: self.core_request("GET", CONFIGMAP, namespace=job.namespace, name=name),
+                patch=lambda body: self.core_request("PATCH", CONFIGMAP, body, namespace=job.namespace, name=name),
             )
             try:
                 return cast(
@@ -404,7 +421,7 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(metadata["namespace"], event, _preload_content=False)  # type: ignore[arg-type]
+            self.core_request("POST", "/namespaces/{namespace}/events", event, namespace=metadata["namespace"])
         except ApiException as error:
             logging.getLogger(__name__).warning(
                 f"{metadata['namespace']}/{metadata['name']}: could not post event {reason}: {error.reason}"
