@@ -20,7 +20,13 @@ from kubetune.controller.status import (
     gpu_seconds,
     invalid_status,
 )
-from kubetune.render.pytorchjob import SPEC_HASH_ANNOTATION, spec_hash
+from kubetune.render import RenderConfig
+from kubetune.render.pytorchjob import (
+    SPEC_GENERATION_ANNOTATION,
+    SPEC_HASH_ANNOTATION,
+    build_pytorchjob,
+    spec_hash,
+)
 from kubetune_trainer.termination import EXIT_PEER_LOST
 from tests.builders import a_job
 
@@ -261,10 +267,54 @@ def test_a_spec_hash_kept_per_generation_judges_the_same_as_a_fresh_one() -> Non
     the_job = job()
     pytorchjob = a_pytorchjob("Created", "Running")
     pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(the_job)
-    kept = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest=spec_hash(the_job))
+    kept = compute_status(
+        the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest=lambda: spec_hash(the_job)
+    )
     assert kept == compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0)
-    stale = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest="1" * 64)
+    stale = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest=lambda: "1" * 64)
     assert conditions_of(stale)["Stalled"] == ("True", Reason.SPEC_CHANGED)
+
+
+def the_pytorchjob_of(the_job: FineTuneJob) -> dict[str, Any]:
+    """The PyTorchJob as the operator renders it for `the_job`, with the status the training operator gives."""
+    pytorchjob = build_pytorchjob(the_job, RenderConfig())
+    pytorchjob["status"] = a_pytorchjob("Created", "Running")["status"]
+    return pytorchjob
+
+
+def no_render() -> str:
+    raise AssertionError("the spec document was rendered")
+
+
+def test_a_pytorchjob_made_at_the_jobs_generation_needs_no_spec_render_to_be_judged_unchanged() -> None:
+    the_job = job(generation=3)
+    pytorchjob = the_pytorchjob_of(the_job)
+    assert pytorchjob["metadata"]["annotations"][SPEC_GENERATION_ANNOTATION] == "3"
+
+    status = compute_status(the_job, FineTuneJobStatus(), Observed(pytorchjob), T0, digest=no_render)
+    assert conditions_of(status)["Stalled"][0] == "False"
+
+
+def test_after_a_suspend_moved_the_generation_the_spec_hashes_decide() -> None:
+    made = job(generation=1)
+    pytorchjob = the_pytorchjob_of(made)
+    resumed = job(generation=2)  # the same spec document: runPolicy is not in it
+    status = compute_status(resumed, FineTuneJobStatus(), Observed(pytorchjob), T0)
+    assert conditions_of(status)["Stalled"][0] == "False"
+
+    pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = "0" * 64  # as if the spec had moved
+    status = compute_status(resumed, FineTuneJobStatus(), Observed(pytorchjob), T0)
+    assert conditions_of(status)["Stalled"] == ("True", Reason.SPEC_CHANGED)
+
+
+def test_a_pytorchjob_of_an_earlier_job_of_the_same_name_and_generation_is_judged_by_its_hash() -> None:
+    manifest = a_job().with_uid("uid-of-an-earlier-job").as_manifest()
+    manifest["metadata"]["generation"] = 1
+    earlier = parse_job(manifest)
+    pytorchjob = the_pytorchjob_of(earlier)
+    pytorchjob["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = "0" * 64
+    status = compute_status(job(generation=1), FineTuneJobStatus(), Observed(pytorchjob), T0)
+    assert conditions_of(status)["Stalled"] == ("True", Reason.SPEC_CHANGED)
 
 
 def test_an_invalid_spec_is_stalled_and_failed_with_the_field_named() -> None:

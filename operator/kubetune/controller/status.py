@@ -12,7 +12,7 @@ to pods it recreates; one lost node is one restart, see `record_failures`) and `
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
@@ -40,7 +40,12 @@ from kubetune.controller.pods import (
     trainer_status,
 )
 from kubetune.render.labels import pytorchjob_name
-from kubetune.render.pytorchjob import CONTAINER_NAME, SPEC_HASH_ANNOTATION, spec_hash
+from kubetune.render.pytorchjob import (
+    CONTAINER_NAME,
+    SPEC_GENERATION_ANNOTATION,
+    SPEC_HASH_ANNOTATION,
+    spec_hash,
+)
 
 Manifest = Mapping[str, Any]
 
@@ -614,18 +619,30 @@ def _summarise(
     return _summary(Phase.RUNNING, "True", "False", Reason.RUNNING, text), None
 
 
+def made_from_this_generation(job: FineTuneJob, pytorchjob: Manifest) -> bool:
+    """Whether this job, at its current generation, rendered the PyTorchJob: then the spec is unchanged."""
+    metadata = pytorchjob.get("metadata") or {}
+    generation = (metadata.get("annotations") or {}).get(SPEC_GENERATION_ANNOTATION)
+    if job.metadata.generation is None or generation != str(job.metadata.generation):
+        return False
+    owners = metadata.get("ownerReferences") or []
+    return any(o.get("controller") and o.get("uid") == job.metadata.uid for o in owners)
+
+
 def spec_changed_message(
-    job: FineTuneJob, pytorchjob: Manifest | None, digest: str | None = None
+    job: FineTuneJob, pytorchjob: Manifest | None, digest: Callable[[], str] | None = None
 ) -> str | None:
     """Set when the spec differs from the one the PyTorchJob was made from (the CRD should have refused it).
 
-    `digest` is `spec_hash(job)` when the caller already has it (it renders the whole spec document).
+    The spec hashes are compared only when the generations differ (a suspend or resume moves the generation
+    and not the spec document), or the PyTorchJob predates its generation annotation. `digest` gives
+    `spec_hash(job)` for a caller that keeps it: it renders the whole spec document.
     """
-    if pytorchjob is None:
+    if pytorchjob is None or made_from_this_generation(job, pytorchjob):
         return None
     annotations = (pytorchjob.get("metadata") or {}).get("annotations") or {}
     made_from = annotations.get(SPEC_HASH_ANNOTATION)
-    if made_from is None or made_from == (digest or spec_hash(job)):
+    if made_from is None or made_from == (digest() if digest is not None else spec_hash(job)):
         return None
     return (
         "the spec changed after the PyTorchJob was created and the change is not applied: only "
@@ -645,9 +662,9 @@ def compute_status(
     observed: Observed,
     now: str,
     progress: Progress | None = None,
-    digest: str | None = None,
+    digest: Callable[[], str] | None = None,
 ) -> FineTuneJobStatus:
-    """The status a job should have now. `progress` replaces the stored progress when given; `digest` is
+    """The status a job should have now. `progress` replaces the stored progress when given; `digest` gives
     `spec_hash(job)`, for a caller that keeps it per generation."""
     generation = job.metadata.generation
     state = pytorchjob_state(observed.pytorchjob)
