@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from kubetune.api.v1alpha1 import Phase
 
@@ -42,12 +45,6 @@ QUEUE_DEPTH = Gauge(
     "FineTuneJobs waiting for a worker (a lasting backlog means too few workers or a slow API server).",
     registry=REGISTRY,
 )
-FINETUNEJOBS = Gauge(
-    "kubetune_operator_finetunejobs",
-    "FineTuneJobs this operator watches, by phase.",
-    ["phase"],
-    registry=REGISTRY,
-)
 
 
 @contextmanager
@@ -70,17 +67,31 @@ PHASE_NAMES = frozenset(phase.value for phase in Phase)
 PENDING = Phase.PENDING.value
 
 
+class JobPhases(Collector):
+    """The FineTuneJobs this operator watches by phase, counted in one pass over the store at each scrape (a
+    job without a phase yet counts as Pending). A Gauge per phase with set_function would pass over the store
+    once per phase."""
+
+    NAME = "kubetune_operator_finetunejobs"
+    HELP = "FineTuneJobs this operator watches, by phase."
+
+    def __init__(self) -> None:
+        self.phases: Callable[[], Iterable[str | None]] = tuple
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = collections.Counter(
+            phase if phase in PHASE_NAMES else PENDING for phase in self.phases()
+        )
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["phase"])
+        for name in sorted(PHASE_NAMES):
+            family.add_metric([name], counts[name])
+        yield family
+
+
+JOB_PHASES = JobPhases()
+REGISTRY.register(JOB_PHASES)
+
+
 def count_job_phases(phases: Callable[[], Iterable[str | None]]) -> None:
-    """The by-phase gauge counts, at each scrape, the phases `phases` returns: every known job's (a job
-    without one yet counts as Pending). Counted when scraped, not on every watch event."""
-
-    def counter(wanted: str) -> Callable[[], float]:
-        def count() -> float:
-            return float(
-                sum(1 for phase in phases() if (phase if phase in PHASE_NAMES else PENDING) == wanted)
-            )
-
-        return count
-
-    for name in PHASE_NAMES:
-        FINETUNEJOBS.labels(phase=name).set_function(counter(name))
+    """Count, at each scrape, the phases `phases` returns: every known job's."""
+    JOB_PHASES.phases = phases
