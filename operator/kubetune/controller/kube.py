@@ -186,7 +186,9 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             # The patches here are partial objects: a JSON merge patch.
-            headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
+            headers["Content-Type"] = (
+                "application/merge-patch+json" if method == "PATCH" else "application/json"
+            )
         request = self.api_client.param_serialize(
             method=method,
             resource_path=CORE_PREFIX + path,
@@ -281,7 +283,9 @@ class Kube:
                 name,
                 create=lambda: self.core_request("POST", CONFIGMAPS, configmap, namespace=job.namespace),
                 read=lambda: self.core_request("GET", CONFIGMAP, namespace=job.namespace, name=name),
-                patch=lambda body: self.core_request("PATCH", CONFIGMAP, body, namespace=job.namespace, name=name),
+                patch=lambda body: self.core_request(
+                    "PATCH", CONFIGMAP, body, namespace=job.namespace, name=name
+                ),
             )
             try:
                 return cast(
@@ -421,7 +425,9 @@ class Kube:
             "count": 1,
         }
         try:
-            self.core_request("POST", "/namespaces/{namespace}/events", event, namespace=metadata["namespace"])
+            self.core_request(
+                "POST", "/namespaces/{namespace}/events", event, namespace=metadata["namespace"]
+            )
         except ApiException as error:
             logging.getLogger(__name__).warning(
                 f"{metadata['namespace']}/{metadata['name']}: could not post event {reason}: {error.reason}"

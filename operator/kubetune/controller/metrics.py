@@ -79,9 +79,7 @@ class JobPhases(Collector):
         self.phases: Callable[[], Iterable[str | None]] = tuple
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        counts = collections.Counter(
-            phase if phase in PHASE_NAMES else PENDING for phase in self.phases()
-        )
+        counts = collections.Counter(phase if phase in PHASE_NAMES else PENDING for phase in self.phases())
         family = GaugeMetricFamily(self.NAME, self.HELP, labels=["phase"])
         for name in sorted(PHASE_NAMES):
             family.add_metric([name], counts[name])
