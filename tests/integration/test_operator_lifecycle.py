@@ -538,14 +538,15 @@ def test_a_spec_configmap_left_without_an_owner_is_adopted(cluster: Cluster, ope
     """A crash between creating the ConfigMap and the owner it should carry (or a `kubectl apply` of it) leaves
     one with our labels and no owner: the job adopts it with a merge patch rather than failing on the 409."""
     namespace, name = operator.namespace, "adopts-its-configmap"
-    labels = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/job-name": name}
-    cluster.core.create_namespaced_config_map(
-        namespace,
-        {"metadata": {"name": f"{name}-spec", "labels": labels}, "data": {"spec.json": "{}"}},
-    )
-    created = create(cluster, a_manifest(name, namespace, suspend=True))
+    manifest = a_manifest(name, namespace, suspend=True)
+    ownerless = build_spec_configmap(parse_job(manifest))  # no uid yet, so no owner reference
+    assert "ownerReferences" not in ownerless["metadata"]
+    cluster.core.create_namespaced_config_map(namespace, ownerless)
+    created = create(cluster, manifest)
     wait_for_phase(cluster, namespace, name, "Suspended")
-    owners = cluster.core.read_namespaced_config_map(f"{name}-spec", namespace).metadata.owner_references
+    owners = cluster.core.read_namespaced_config_map(
+        ownerless["metadata"]["name"], namespace
+    ).metadata.owner_references
     assert [(o.kind, o.name, o.uid, o.controller) for o in owners or []] == [
         ("FineTuneJob", name, created["metadata"]["uid"], True)
     ]
