@@ -1,5 +1,5 @@
-# The kubetune operator: the kopf controller that turns FineTuneJobs into PyTorchJobs.
-# It needs no GPU and no training stack: only kubetune[operator] (kopf, kubernetes, prometheus-client),
+# The kubetune operator: the controller that turns FineTuneJobs into PyTorchJobs.
+# It needs no GPU and no training stack: only kubetune[operator] (kubernetes, prometheus-client, pydantic-settings),
 # pinned by the same constraints.txt that `make test` installs from.
 #
 #   docker build -t kubetune-operator .
@@ -27,6 +27,6 @@ RUN pip install --no-cache-dir -c constraints.txt ".[operator]" \
 WORKDIR /
 USER 65532:65532
 
-# 8080: Prometheus metrics (KUBETUNE_METRICS_PORT); 8081: kopf's liveness endpoint /healthz (KUBETUNE_HEALTH_PORT).
+# 8080: Prometheus metrics (KUBETUNE_METRICS_PORT); 8081: the liveness endpoint /healthz (KUBETUNE_HEALTH_PORT).
 EXPOSE 8080 8081
 ENTRYPOINT ["kubetune", "operator"]

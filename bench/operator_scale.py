@@ -1179,7 +1179,6 @@ CATEGORIES = (
     ("pydantic validation", ("pydantic/", "pydantic_core")),
     ("logging", ("logging/", "pythonjsonlogger")),
     ("YAML", ("yaml/",)),
-    ("kopf machinery", ("kopf/",)),
     ("asyncio", ("asyncio/",)),
 )
 
@@ -1214,7 +1213,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 
 def _entry_point(frame: str) -> bool:
-    """Frames every sample of the main thread passes through (the CLI, kopf.run): no information."""
+    """Frames every sample of the main thread passes through (the CLI, main.serve): no information."""
     return "kubetune/cli.py" in frame or "kubetune/controller/main.py" in frame
 
 
@@ -1799,7 +1798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interval = QUICK_PROGRESS_INTERVAL_S if args.quick else PROGRESS_INTERVAL_S
     profile_jobs = 0 if args.quick else args.profile_jobs
 
-    machine = describe_machine(["kopf", "kubernetes", "pydantic", "aiohttp", "prometheus-client"])
+    machine = describe_machine(["kubernetes", "urllib3", "pydantic", "prometheus-client"])
     machine["versions"] = _component_versions()
     machine["uncommittedOperatorFiles"] = _uncommitted("operator")
     cluster = BenchCluster()

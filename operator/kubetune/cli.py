@@ -137,7 +137,7 @@ def render(
 
 @app.command()
 def operator(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every handler call.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")] = False,
     json_logs: Annotated[bool, typer.Option("--json-logs/--text-logs", help="Log format.")] = True,
 ) -> None:
     """Run the operator against the current kubeconfig (in a pod: its ServiceAccount) until stopped.

@@ -23,20 +23,15 @@ ARGOCD = CHART / "ci" / "argocd-values.yaml"
 
 # What the operator does with each kind, and nothing else (see docs/gitops.md and the chart's rbac.yaml).
 NAMESPACED_PERMISSIONS = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
-    ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
-    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "create", "patch"},
+    ("", "events"): {"create"},
     ("", "pods"): {"get", "list", "watch"},
 }
-# Cluster-scoped in both modes: kopf's CRD discovery, and the node of a running trainer pod (lost or not).
-CLUSTER_SCOPED = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "nodes"): {"get"},
-}
-NAMESPACE_WATCH = {("", "namespaces"): {"list", "watch"}}
+# Cluster-scoped in both modes: the node of a running trainer pod (lost or not).
+CLUSTER_SCOPED = {("", "nodes"): {"get"}}
 LEADER_ELECTION = "kubetune-leader-election"
 
 
@@ -122,7 +117,7 @@ def test_default_install_is_cluster_wide_with_one_leader_elected_operator() -> N
 def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
     manifests = render()
     role = one(manifests, "ClusterRole")
-    assert permissions(role) == {**NAMESPACED_PERMISSIONS, **CLUSTER_SCOPED, **NAMESPACE_WATCH}
+    assert permissions(role) == {**NAMESPACED_PERMISSIONS, **CLUSTER_SCOPED}
     binding = one(manifests, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [

@@ -355,7 +355,7 @@ def test_a_failing_trainer_ends_failed_with_its_termination_message(
     assert status_condition(failed, "Failed")["reason"] == "TrainerError"
     assert "no column 'output'" in status_condition(failed, "Failed")["message"]
     assert failed["status"]["completionTime"]
-    # Events are posted after the status write they describe, by kopf in the background.
+    # Events are posted after the status write they describe, so the status can be seen first.
     wait_for(
         lambda: any(
             e.type == "Warning" and e.reason == "TrainerError" for e in events_of(cluster, namespace, name)

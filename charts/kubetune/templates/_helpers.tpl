@@ -59,29 +59,26 @@ The operator's namespaced permissions: one list of rules, used by the ClusterRol
 Role in each watched namespace in namespaced mode. Each rule names what the operator does with it.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs: watch them; patch/update only to lift the finalizer earlier versions put on each job.
+# FineTuneJobs: watch them; patch only to lift the finalizer earlier versions put on each job.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 # Their status: phase, conditions, progress, adapter.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
-# The PyTorchJob that runs each FineTuneJob; deleted when the spec changes while it has not started.
+  verbs: ["get", "patch"]
+# The PyTorchJob that runs each FineTuneJob: created, adopted, suspended and resumed.
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # The rendered trainer config of each job (never credentials: those stay in Secrets the operator cannot read).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# Events on FineTuneJobs, through either events API.
+  verbs: ["get", "create", "patch"]
+# Events on FineTuneJobs (core/v1, as `kubectl describe` shows them).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # Trainer pods, read only: their termination message carries the failure reason.
 - apiGroups: [""]
   resources: ["pods"]

@@ -1,1 +1,1 @@
-"""The kopf operator: the only code that talks to the API server."""
+"""The operator: the only code that talks to the API server."""

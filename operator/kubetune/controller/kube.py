@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
-import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.client.rest import RESTResponse
 
 from kubetune.api.v1alpha1 import (
     GROUP,
@@ -53,18 +53,66 @@ NOT_FOUND = 404
 NODE_READY_TTL_SECONDS = 10.0
 EVENT_SOURCE = "kubetune-operator"
 MAX_EVENT_MESSAGE = 1024
+LEGACY_FINALIZER = "kubetune.io/finalizer"
+"""Earlier versions put this finalizer on every job; nothing needs it now, and a job that keeps it could
+never be deleted, so the operator lifts it from each job it sees."""
 CORE_PREFIX = "/api/v1"
 CONFIGMAPS = "/namespaces/{namespace}/configmaps"
 CONFIGMAP = CONFIGMAPS + "/{name}"
 
 
-def new_api_client() -> client.ApiClient:
-    """In a pod: its ServiceAccount; elsewhere: the current kubeconfig context."""
+def new_api_client(connections: int) -> client.ApiClient:
+    """In a pod: its ServiceAccount; elsewhere: the current kubeconfig context. `connections` is how many
+    requests may be open at once (each watch holds one): past the pool's size, urllib3 opens a connection
+    (a TLS handshake) per request and throws it away afterwards."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = max(connections, configuration.connection_pool_maxsize)
+    return client.ApiClient(configuration)
+
+
+class RetryLater(Exception):
+    """A reconcile that cannot go on yet (a name taken, a child still being deleted): the job is reconciled
+    again after `delay` seconds, and the message is logged."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def api_request(
+    api_client: client.ApiClient,
+    method: str,
+    path: str,
+    *,
+    body: Manifest | None = None,
+    names: Mapping[str, str] | None = None,
+    query: Mapping[str, str] | None = None,
+    timeout: tuple[float, float] | None = None,
+) -> RESTResponse:
+    """One request by path (whose `{placeholders}` are filled from `names`), the body not yet read, so a
+    watch can stream it. Raises ApiException on an error status, as the generated clients do."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        # The patches here are partial objects: a JSON merge patch.
+        headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
+    request = api_client.param_serialize(
+        method=method,
+        resource_path=path,
+        path_params=dict(names or {}),
+        query_params=list((query or {}).items()),
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = api_client.call_api(*request, _request_timeout=timeout)
+    if not 200 <= response.status <= 299:
+        response.read()  # type: ignore[no-untyped-call]
+        raise ApiException.from_response(http_resp=response, body=None, data=None)
+    return response
 
 
 def without_status(body: Mapping[str, Any]) -> Manifest:
@@ -183,24 +231,8 @@ class Kube:
         19 MiB per process, 13% of a restart's CPU at a thousand jobs, for five calls whose answers are read
         as plain JSON anyway. The ApiClient underneath still does authentication, TLS and retries.
         """
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            # The patches here are partial objects: a JSON merge patch.
-            headers["Content-Type"] = (
-                "application/merge-patch+json" if method == "PATCH" else "application/json"
-            )
-        request = self.api_client.param_serialize(
-            method=method,
-            resource_path=CORE_PREFIX + path,
-            path_params=names,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api_client.call_api(*request)
+        response = api_request(self.api_client, method, CORE_PREFIX + path, body=body, names=names)
         data = response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
         return cast(Manifest, json.loads(data)) if data else {}
 
     # ------------------------------------------------------------------------------------------- reads
@@ -267,9 +299,8 @@ class Kube:
         PyTorchJob as it now stands.
 
         `known` is the PyTorchJob as the watch last saw it. When the watch has not delivered one but the job
-        was reconciled before (`seen_before`: it has a status; the operator may have just started and not
-        listed the PyTorchJobs yet), it is read before anything is created, so a restart adopts what exists
-        instead of collecting a refused create per child. A job never reconciled has no children to find,
+        was reconciled before (`seen_before`: it has a status), it is read before anything is created, so
+        whatever exists is adopted instead of collecting a refused create per child. A job never reconciled has no children to find,
         and a create that meets one anyway (a crash between create and status) adopts it. A PyTorchJob is
         created after its ConfigMap, so an existing one means the ConfigMap exists too.
         """
@@ -356,19 +387,27 @@ class Kube:
         metadata = existing.get("metadata") or {}
         labels = metadata.get("labels") or {}
         if labels.get(MANAGED_BY) != "kubetune" or labels.get(JOB_NAME) != job.name:
-            raise kopf.TemporaryError(
+            raise RetryLater(
                 f"{kind} {name} exists and was not made by kubetune for this job: rename or delete it",
                 delay=30,
             )
         if metadata.get("deletionTimestamp"):
-            raise kopf.TemporaryError(f"{kind} {name} of an earlier job is being deleted", delay=2)
+            raise RetryLater(f"{kind} {name} of an earlier job is being deleted", delay=2)
         owners = metadata.get("ownerReferences") or []
         ours = owner_references(job)
         if owners and ours and all(o.get("uid") != ours[0]["uid"] for o in owners):
             # A child of an earlier FineTuneJob with the same name: the garbage collector removes it.
-            raise kopf.TemporaryError(f"{kind} {name} still belongs to an earlier job of this name", delay=2)
+            raise RetryLater(f"{kind} {name} still belongs to an earlier job of this name", delay=2)
         if not owners and ours:
             patch({"metadata": {"ownerReferences": ours}})
+
+    def lift_legacy_finalizer(self, body: Manifest) -> Manifest:
+        """Remove LEGACY_FINALIZER from the job, on condition that it is still where it was seen (a JSON
+        patch `test`: other finalizers may come and go meanwhile); returns the job as written."""
+        metadata = body["metadata"]
+        at = f"/metadata/finalizers/{metadata['finalizers'].index(LEGACY_FINALIZER)}"
+        patch = [{"op": "test", "path": at, "value": LEGACY_FINALIZER}, {"op": "remove", "path": at}]
+        return self._patch_job(metadata, patch, "application/json-patch+json")
 
     def stop_pytorchjob(self, job: FineTuneJob) -> Manifest:
         """Suspend the PyTorchJob of a job that ended Failed while its pods still run: the training
@@ -384,25 +423,38 @@ class Kube:
             "metadata": {"resourceVersion": metadata["resourceVersion"]},
             "status": status_patch(new, current),
         }
+        return self._patch_job(metadata, patch, "application/merge-patch+json", status=True)
+
+    def _patch_job(
+        self,
+        metadata: Mapping[str, Any],
+        patch: Manifest | list[Manifest],
+        content_type: str,
+        status: bool = False,
+    ) -> Manifest:
+        """Patch the FineTuneJob (or its status subresource) that `metadata` names."""
+        call = (
+            self.custom.patch_namespaced_custom_object_status
+            if status
+            else self.custom.patch_namespaced_custom_object
+        )
         return cast(
             Manifest,
-            self.custom.patch_namespaced_custom_object_status(
+            call(
                 GROUP,
                 VERSION,
                 metadata["namespace"],
                 PLURAL,
                 metadata["name"],
                 patch,
-                _content_type="application/merge-patch+json",
+                _content_type=content_type,
             ),
         )
 
     def post_event(self, body: Manifest, event_type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the FineTuneJob, as `kubectl describe` shows them.
 
-        Posted directly rather than through kopf.event, which works only inside kopf's own handling of an
-        object, and the workers reconcile outside it. An Event that cannot be posted is logged, not retried:
-        the status already says the same.
+        An Event that cannot be posted is logged, not retried: the status already says the same.
         """
         metadata = body["metadata"]
         now = utc_now()

@@ -4,8 +4,7 @@ The election itself is the kubernetes client's `LeaderElection` with a `LeaseLoc
 as client-go: holder, duration, renew time, optimistic concurrency on resourceVersion). What this module adds
 is what an operator needs around it:
 
-- a standby answers its liveness probe (`/healthz`) while it waits, because kopf's own endpoint only starts
-  with kopf;
+- a standby answers its liveness probe (`/healthz`) while it waits;
 - a leader that cannot renew its Lease exits at once (as controller-runtime does), before a standby can take
   over, so two replicas never reconcile together; Kubernetes restarts the container as a new standby;
 - a leader that stops on its own (SIGTERM on a rollout) hands the Lease back, so its successor starts at once
@@ -17,19 +16,19 @@ is what an operator needs around it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+from kubetune.controller.health import serve_health
 
 log = logging.getLogger(__name__)
 
@@ -96,35 +95,7 @@ def _exit_lost_lease(stopped: threading.Event) -> None:
         return
     log.error("lost the leader lease; exiting so that no two replicas reconcile at once")
     logging.shutdown()
-    os._exit(1)  # the event loop of kopf may be busy; only a hard exit is sure to stop reconciling now
-
-
-class _Healthz(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        alive = self.path.split("?", 1)[0] == "/healthz"
-        self.send_response(200 if alive else 404)
-        self.end_headers()
-        if alive:
-            self.wfile.write(b"standby: waiting for the leader lease\n")
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Probes every few seconds are not worth a log line."""
-
-
-@contextlib.contextmanager
-def standby_health(port: int) -> Iterator[None]:
-    """Answer /healthz on ``port`` until the block ends (then kopf binds the same port)."""
-    if not port:
-        yield
-        return
-    server = ThreadingHTTPServer(("0.0.0.0", port), _Healthz)  # probes come from the kubelet, not loopback
-    thread = threading.Thread(target=server.serve_forever, name="standby-healthz", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
+    os._exit(1)  # the workers may be mid-reconcile; only a hard exit is sure to stop reconciling now
 
 
 def release(settings: LeaseSettings) -> None:
@@ -161,10 +132,10 @@ def run_as_leader(settings: LeaseSettings, run: Callable[[], None], health_port:
     log.info(
         "standby %s: waiting for the leader lease %s/%s", settings.identity, settings.namespace, settings.name
     )
-    with standby_health(health_port):
+    with serve_health(health_port, "standby: waiting for the leader lease"):
         threading.Thread(target=election.run, name="leader-election", daemon=True).start()
         leading.wait()
-    log.info("%s leads: starting the handlers", settings.identity)
+    log.info("%s leads: starting the watches", settings.identity)
     try:
         run()
     finally:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress
@@ -29,8 +28,10 @@ from kubetune.controller.conditions import utc_now
 from kubetune.controller.config import OperatorConfig
 from kubetune.controller.kube import (
     CONFLICT,
+    LEGACY_FINALIZER,
     NOT_FOUND,
     Kube,
+    RetryLater,
     Transition,
     stored_status,
     transition_events,
@@ -50,7 +51,6 @@ from kubetune.controller.workqueue import WorkQueue
 from kubetune.render.pytorchjob import spec_hash
 
 STATUS_WRITE_ATTEMPTS = 5
-LIST_GRACE_SECONDS = 1.0
 STOP_SECONDS = 20.0
 """How long a stopping operator waits for reconciles in flight."""
 DELETED = "DELETED"
@@ -95,7 +95,6 @@ class Reconciler:
         # Reads of the trainers' /metrics run beside the workers, not in them: a pod network that drops the
         # operator's packets makes each read wait its full timeout, and that must not hold up the reconciles.
         self._readers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="progress")
-        self._missed: set[JobKey] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -128,10 +127,13 @@ class Reconciler:
             with self._lock:
                 self._specs.pop(key, None)
                 self._statuses.pop(key, None)
-                self._missed.discard(key)
                 self._progress.pop(key, None)
         elif not self.store.put_job(body):
             return  # the echo of our own status write, or a late event: nothing new to act on
+        elif not self._threads:
+            # The workers wait for every first list; while the children's lists are still coming, validate
+            # the specs they will need (at a thousand jobs, a fifth of a restart's CPU).
+            self._spec(key, dict(body))
         self.queue.add(key)
 
     def pytorchjob_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -169,9 +171,9 @@ class Reconciler:
                 with metrics.reconcile("FineTuneJob"):
                     self.reconcile(key)
                 self.queue.forget(key)
-            except kopf.TemporaryError as error:
+            except RetryLater as error:
                 log.warning(f"{key[0]}/{key[1]}: {error}")
-                self.queue.add_after(key, float(error.delay or 1))
+                self.queue.add_after(key, error.delay)
             except Exception as error:  # any failure is retried: the loop must go on
                 delay = self.queue.retry(key)
                 log.warning(f"{key[0]}/{key[1]}: reconcile failed, retrying in {delay:.1f} s: {error!r}")
@@ -220,29 +222,18 @@ class Reconciler:
         if body is None:
             self.store.forget_children(key)
             return
+        if LEGACY_FINALIZER in ((body.get("metadata") or {}).get("finalizers") or []):
+            body = self.kube.lift_legacy_finalizer(body)
+            self.store.put_job(body)
         spec = self._spec(key, body)
         current = self._status(key, body)
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
             known = self.store.children(key).pytorchjob
-            if known is None and current.phase is not None and self._first_miss(key):
-                # A job with a status has a PyTorchJob; the watch has not delivered it yet (this operator
-                # just started, and the FineTuneJobs were listed first). Wait for the list rather than
-                # read each one: at a thousand jobs that is a thousand reads on every restart.
-                self.queue.add_after(key, LIST_GRACE_SECONDS)
-                return
             pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
             if pytorchjob is not known:
                 self.store.put_pytorchjob(key, pytorchjob)
         self._sync_status(key)
-
-    def _first_miss(self, key: JobKey) -> bool:
-        """True the first time a job's PyTorchJob is missing from the store (once per job and process)."""
-        with self._lock:
-            if key in self._missed:
-                return False
-            self._missed.add(key)
-            return True
 
     def _spec(self, key: JobKey, body: Manifest) -> Spec:
         metadata = body.get("metadata") or {}
@@ -321,7 +312,7 @@ class Reconciler:
                 self.kube.post_event(body, event_type, reason, message)
             self._stop_if_failed(spec.job, new, observed)
             return
-        raise kopf.TemporaryError("the status kept changing underneath; trying again", delay=1)
+        raise RetryLater("the status kept changing underneath; trying again", delay=1)
 
     def _stop_if_failed(
         self, job: FineTuneJob | None, status: FineTuneJobStatus, observed: Observed | None

@@ -1,9 +1,8 @@
 """A keyed work queue: each key waits at most once, is worked on by one worker at a time, and is retried later.
 
 A FineTuneJob's status depends on three kinds of objects (the job, its PyTorchJob, its pods), each watched
-separately. kopf serialises the handling of one object, not of one job, so events of a job's pod and of its
-PyTorchJob would otherwise race into conflicting status writes, and a burst of events would cost one full
-reconcile each. This is client-go's `workqueue` in the few lines Python needs (no maintained Python port
+separately. Handled as they come, events of a job's pod and of its PyTorchJob would race into conflicting
+status writes, and a burst of events would cost one full reconcile each. This is client-go's `workqueue` in the few lines Python needs (no maintained Python port
 exists): a key added while it waits is not added twice, a key added while a worker has it is worked on again
 once that worker is done, and a failed key comes back after a growing delay. One departure: a key added now
 no longer waits for a delayed add of it as well (client-go would run it twice); the reconcile that runs now
