@@ -140,8 +140,12 @@ class Reflector:
                 if version is None:
                     version = self.list_all()
                     failures = 0
+                began = time.monotonic()
                 version = self.watch(version)
-                failures = 0
+                # A watch the server ends at once, again and again (a proxy that cuts them, say), would
+                # otherwise be reopened in a tight loop, as client-go's backoff between watches prevents.
+                brief = time.monotonic() - began < min(1.0, self.watch_seconds / 2)
+                failures = failures + 1 if brief else 0
             except ApiException as error:
                 failures += 1
                 version = self._failed(error, version, failures)
