@@ -74,7 +74,7 @@ from bench.raw_list import (
     VERSION,
     list_what_the_operator_lists,
 )
-from kubetune.api.v1alpha1 import parse_job
+from kubetune.api.v1alpha1 import Reason, parse_job
 from kubetune.render import RenderConfig, build_all
 
 NAME = "operator_scale"
@@ -730,7 +730,20 @@ class Request:
         text = f"{self.verb} {target}"
         if self.verb == "patch" and not self.subresource:
             text += f" [{', '.join(patched_fields(self.body))}]"
+        if self.subresource == "status" and NODE_LOST in condition_reasons(self.body):
+            text += f" (to {NODE_LOST})"
         return text
+
+
+NODE_LOST = Reason.NODE_LOST.value
+"""The reason a job's conditions take while a node of its pods is NotReady: such writes answer a change (kwok
+not renewing a node's lease in time under load), not a no-op."""
+
+
+def condition_reasons(body: Any) -> set[str]:
+    """The reasons of the conditions a status patch sets."""
+    status = (body.get("status") if isinstance(body, Mapping) else None) or {}
+    return {str(c.get("reason")) for c in status.get("conditions") or [] if isinstance(c, Mapping)}
 
 
 def patched_fields(body: Any) -> list[str]:
@@ -1658,6 +1671,13 @@ def findings(results: dict[str, Any]) -> list[str]:
                 else ""
             )
             + "."
+            + (
+                f" The writes marked ({NODE_LOST}) answer a node going NotReady in the window (the node "
+                "controller's verdict when kwok's lease renewal lags under load), and the others bring those jobs "
+                "back to Running: not a resync that changed nothing."
+                if any(NODE_LOST in kind for kind in writes["resync"]["byKind"])
+                else ""
+            )
         )
     create = writes["create"]
     said.append(

@@ -97,6 +97,14 @@ def test_a_patch_is_described_by_the_fields_it_touches() -> None:
         request(0, "patch", "finetunejobs", "j", body=json_patch).kind
         == "patch finetunejobs [/metadata/finalizers]"
     )
+    lost = {"status": {"conditions": [{"type": "Running", "status": "False", "reason": "NodeLost"}]}}
+    assert request(0, "patch", "finetunejobs", "j", subresource="status", body=lost).kind == (
+        "patch finetunejobs/status (to NodeLost)"
+    )
+    running = {"status": {"conditions": [{"type": "Running", "status": "True", "reason": "Running"}]}}
+    assert request(0, "patch", "finetunejobs", "j", subresource="status", body=running).kind == (
+        "patch finetunejobs/status"
+    )
 
 
 def test_writes_split_at_the_patch_that_makes_the_job_running() -> None:
