@@ -27,8 +27,10 @@ class OperatorConfig(BaseSettings):
     """KUBETUNE_PROGRESS_INTERVAL_SECONDS: how often a running job's progress is read from its trainer."""
     progress_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     """KUBETUNE_PROGRESS_TIMEOUT_SECONDS: how long one read of a trainer's /metrics may take."""
-    workers: Annotated[int, Field(ge=1, le=64)] = 8
-    """KUBETUNE_WORKERS: how many jobs are reconciled at once (each waits on the API server most of the time)."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 32
+    """KUBETUNE_WORKERS: how many jobs are reconciled at once. Each waits on the API server most of the time:
+    with 1000 jobs submitted at once (bench.operator_scale, 2 cores), the p99 from FineTuneJob to PyTorchJob
+    was 29.7 s with 8 workers, 16.9 s with 16 and 7.5 s with 32, at about the same CPU."""
     progress_host: str | None = None
     """KUBETUNE_PROGRESS_HOST: read progress from this host instead of the master pod's IP.
 
