@@ -1346,7 +1346,9 @@ def _fmt(value: float | None, unit: str = " s", digits: int = 3) -> str:
 def _ratio(mine: float | None, theirs: float | None) -> str:
     if mine is None or not theirs:
         return "—"
-    return f"{mine / theirs:.1f}x"
+    ratio = mine / theirs
+    # Below 0.1x one decimal would print "0.0x": keep two significant digits there.
+    return f"{ratio:.2g}x" if ratio < 0.1 else f"{ratio:.1f}x"
 
 
 def _verdict(ok: bool | None) -> str:
@@ -1424,7 +1426,7 @@ def targets_table(results: dict[str, Any]) -> str:
         if ratio is not None
         else "did not settle",
         None if ratio is None else ratio <= TARGETS["restartToRawListRatio"],
-        f"{ratio / TARGETS['restartToRawListRatio']:.0f}x the target" if ratio and ratio > 2 else "",
+        f"{ratio / TARGETS['restartToRawListRatio']:.2g}x the target" if ratio and ratio > 2 else "",
     )
     return markdown_table(["target", "goal", "measured", "", "by how much"], rows)
 
@@ -1582,6 +1584,18 @@ def breakdown(results: dict[str, Any]) -> str:
     ):
         kinds = ", ".join(f"`{kind}` {count}" for kind, count in writes[bucket]["byKind"].items()) or "none"
         lines.append(f"- {label}: {kinds}")
+    for scale in results["scales"][:-1]:
+        resync = scale["operator"]["writes"]["resync"]["byKind"]
+        if resync:
+            lines.append(
+                f"- timer resync at {scale['jobs']} jobs: "
+                + ", ".join(f"`{kind}` {count}" for kind, count in resync.items())
+                + (
+                    f" (a node went NotReady in the window: the jobs on it went {NODE_LOST} and back)"
+                    if any(NODE_LOST in kind for kind in resync)
+                    else ""
+                )
+            )
     reads = largest["operator"]["reads"]
     lines.append(
         f"\nReads per job (GET/LIST, watches excluded): {reads['wave']['perJob']} in the create wave "
