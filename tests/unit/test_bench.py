@@ -175,6 +175,21 @@ def test_the_report_renders_the_operator_section_and_names_what_was_not_measured
     assert "### What limits it" in page
 
 
+def test_the_report_bounds_the_hop_by_the_write_latency_it_measured(tmp_path: Path) -> None:
+    """Two writes in a row at the measured create latency, and what the workers can start at that latency."""
+    results = json.loads(FIXTURE.read_text())
+    results["settings"]["operatorWorkers"] = 30
+    largest = results["scales"][-1]
+    largest["operator"]["latency"]["createCall"] = summarize([0.5] * 10)
+    largest["floor"]["latency"]["createCall"] = summarize([0.1] * 10)
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    page = build_report(tmp_path)
+    finding = next(line for line in page.splitlines() if "write latency" in line)
+    assert "p50 0.5 s" in finding and "p50 0.1 s" in finding
+    assert "about 1 s at the median latency" in finding, "two writes of 0.5 s"
+    assert "at most 20 jobs/s" in finding, "30 workers, three writes of 0.5 s per job"
+
+
 def test_sections_come_in_a_fixed_order_whatever_the_files(tmp_path: Path) -> None:
     for name in ("gpu_throughput", "operator_scale"):
         (tmp_path / f"{name}.json").write_text(
