@@ -214,6 +214,8 @@ class Kube:
     settings: OperatorConfig
     _nodes: dict[str, tuple[float, bool]] = field(default_factory=dict)
     _nodes_lock: threading.Lock = field(default_factory=threading.Lock)
+    _node_reads: dict[str, threading.Lock] = field(default_factory=dict)
+    """One lock per node, held while it is read: workers that find the same entry expired wait for one read."""
 
     @cached_property
     def custom(self) -> client.CustomObjectsApi:
@@ -274,23 +276,34 @@ class Kube:
 
         Many jobs share a node, and a node that stops reporting takes its controller 40 s to mark
         NotReady, so a few seconds of staleness costs nothing and saves a read per running pod and event.
+        When the entry expires, one worker reads the node and the others that want it wait for that read.
         """
-        now = time.monotonic()
+        if (cached := self._cached_node(name)) is not None:
+            return cached
+        with self._nodes_lock:
+            reading = self._node_reads.setdefault(name, threading.Lock())
+        with reading:
+            if (cached := self._cached_node(name)) is not None:
+                return cached  # read by the worker this one waited for
+            now = time.monotonic()
+            try:
+                node = self.core_request("GET", "/nodes/{name}", name=name)
+                conditions = (node.get("status") or {}).get("conditions") or []
+                ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            except ApiException as error:
+                if error.status != NOT_FOUND:
+                    raise
+                ready = False
+            with self._nodes_lock:
+                self._nodes[name] = (now, ready)
+            return ready
+
+    def _cached_node(self, name: str) -> bool | None:
         with self._nodes_lock:
             cached = self._nodes.get(name)
-        if cached is not None and now - cached[0] < NODE_READY_TTL_SECONDS:
-            return cached[1]
-        try:
-            node = self.core_request("GET", "/nodes/{name}", name=name)
-            conditions = (node.get("status") or {}).get("conditions") or []
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        except ApiException as error:
-            if error.status != NOT_FOUND:
-                raise
-            ready = False
-        with self._nodes_lock:
-            self._nodes[name] = (now, ready)
-        return ready
+        if cached is None or time.monotonic() - cached[0] >= NODE_READY_TTL_SECONDS:
+            return None
+        return cached[1]
 
     # ------------------------------------------------------------------------------------------ writes
 
