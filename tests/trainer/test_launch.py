@@ -18,7 +18,7 @@ import pytest
 from tests.support.seaweedfs import free_port
 
 from kubetune_trainer.launch import wait_for_a_fresh_master
-from kubetune_trainer.termination import EXIT_PEER_LOST, reason_for
+from kubetune_trainer.termination import EXIT_PEER_LOST, TERMINATION_LOG_ENV, reason_for
 
 pytestmark = pytest.mark.trainer
 
@@ -69,6 +69,35 @@ def test_plain_torchrun_turns_a_retryable_exit_into_a_permanent_one(tmp_path: Pa
 @pytest.mark.parametrize("code", [0, 1, EXIT_PEER_LOST])
 def test_the_launcher_exits_with_the_workers_code(tmp_path: Path, code: int) -> None:
     assert exit_code(launch(tmp_path, f"raise SystemExit({code})")) == code
+
+
+def test_a_node_that_cannot_meet_its_master_exits_peer_lost_and_says_why(tmp_path: Path) -> None:
+    """The worker pod of a master that is gone: retryable (the pod is re-created and meets the next master), and
+    the pod's termination message, which the FineTuneJob's status quotes, names the rendezvous."""
+    log = tmp_path / "termination-log"
+    command = [sys.executable, "-m", "kubetune_trainer.launch"]
+    env = {**os.environ, "TMPDIR": str(tmp_path), TERMINATION_LOG_ENV: str(log)}
+    env.pop("PET_NODE_RANK", None)
+    (tmp_path / "worker.py").write_text("raise SystemExit(0)")
+    nobody = free_port()
+    finished = subprocess.run(
+        [
+            *command,
+            "--nnodes=2",
+            "--node_rank=1",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={nobody}",
+            "--rdzv_conf=timeout=3",
+            str(tmp_path / "worker.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == EXIT_PEER_LOST, finished.stderr[-2000:]
+    assert log.read_text().startswith("PeerLost: rendezvous with the other nodes failed (")
 
 
 def test_a_worker_killed_by_the_oom_killer_exits_137(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import time
 import uuid
 from datetime import timedelta
 
-from .termination import EXIT_PEER_LOST
+from .termination import EXIT_PEER_LOST, write_termination_message
 
 log = logging.getLogger("kubetune_trainer.launch")
 
@@ -111,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("torchrun got signal %s; its workers are stopped; exiting %d", error.sigval, code)
         return code
     except (RendezvousError, DistError) as error:
-        log.error(
-            "rendezvous with the other nodes failed (%s: %s); exiting %d",
-            type(error).__name__,
-            error,
-            EXIT_PEER_LOST,
+        log.error("rendezvous with the other nodes failed; exiting %d", EXIT_PEER_LOST)
+        # No worker ran, so nothing else wrote the pod's termination message: say why it ended here.
+        write_termination_message(
+            "PeerLost", f"rendezvous with the other nodes failed ({type(error).__name__}: {error})"
         )
         return EXIT_PEER_LOST
     return 0
