@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except (RendezvousError, DistError) as error:
         log.error("rendezvous with the other nodes failed; exiting %d", EXIT_PEER_LOST)
-        # No worker ran, so nothing else wrote the pod's termination message: say why it ended here.
+        # Mostly no worker ran, so nothing else wrote the pod's termination message (a line one wrote first stays).
         write_termination_message(
             "PeerLost", f"rendezvous with the other nodes failed ({type(error).__name__}: {error})"
         )
