@@ -140,9 +140,9 @@ def classify_termination(exit_code: int | None, reason: str, message: str) -> Re
     """The failure reason of one terminated container from its exit code, reason and termination message.
 
     The trainer writes `Reason: message` lines; a reason word it shares with the API is taken as it is.
-    `PeerLost` goes by the exit code alone: the launcher also exits 200 when the rendezvous with the other
-    nodes fails, and then the message is the tail of its log; and a pod whose own process was killed (137)
-    may still hold a `PeerLost:` line that another of its processes wrote first.
+    `PeerLost` goes by the exit code alone: a pod whose own process was killed (137) may still hold a
+    `PeerLost:` line that another of its processes wrote first (the launcher writes one too, when the
+    rendezvous with the other nodes fails).
     """
     word = message.split(":", 1)[0].strip() if ":" in message else ""
     if word in (Reason.INSUFFICIENT_GPU_MEMORY, Reason.STORAGE_AUTH_FAILED, Reason.NCCL_TIMEOUT):
