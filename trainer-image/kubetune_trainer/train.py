@@ -7,6 +7,7 @@ job runs the same code (torchrun starts them); rank 0 alone publishes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,7 +17,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -584,6 +586,24 @@ def start_metrics(job: FineTuneJob) -> tuple[TrainingMetrics, MetricsServer | No
 # -------------------------------------------------------------------------------- saving
 
 
+PEFT_SHAPE_WARNING = r"Adapter '.*': \d+ LoRA tensor\(s\) have invalid shape"
+"""peft's warning on saving lora_A / lora_B tensors that are 1-D or have a zero dimension."""
+
+
+@contextlib.contextmanager
+def pruned_ranks_expected(spec: FineTuneJobSpec) -> Iterator[None]:
+    """AdaLoRA's final save prunes each module to the ranks it kept, some to none: 2-D tensors with a zero
+    dimension, which peft warns of as ZeRO-3 shards saved without gathering. That would send the user after a
+    fault that is not there; the fault it means (1-D placeholders) is refused by `check_adapter` before
+    anything is published, with a message of its own."""
+    if spec.method.type != MethodType.ADALORA:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_SHAPE_WARNING, category=UserWarning)
+        yield
+
+
 def save_adapter(
     trainer: Trainer,
     spec: FineTuneJobSpec,
@@ -598,7 +618,8 @@ def save_adapter(
             trained: Any = trainer.model
             trained.save_pretrained(target, path_initial_model_for_weight_conversion=str(initial_adapter))
     else:
-        trainer.save_model(str(target))
+        with pruned_ranks_expected(spec):
+            trainer.save_model(str(target))
     if distributed.is_main_process():
         tokenizer.save_pretrained(target)
         for leftover in ("training_args.bin",):
