@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,15 +29,23 @@ GLOO_PEER_GONE = (
 )
 
 
-def launch(tmp_path: Path, worker: str, launcher: list[str] | None = None) -> subprocess.Popen[str]:
-    """Start `worker` (Python source) as one process under the launcher (or the given command)."""
+def launch(
+    tmp_path: Path,
+    worker: str,
+    launcher: list[str] | None = None,
+    nodes: Sequence[str] = ("--standalone",),
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """Start `worker` (Python source) as one process under the launcher (or the given command), on one node
+    of its own unless `nodes` says otherwise."""
     script = tmp_path / "worker.py"
     script.write_text(worker)
     command = launcher or [sys.executable, "-m", "kubetune_trainer.launch"]
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment.pop("PET_NODE_RANK", None)  # the node rank comes from `nodes` alone
     return subprocess.Popen(
-        [*command, "--standalone", "--nproc_per_node=1", str(script)],
-        env=env,
+        [*command, *nodes, "--nproc_per_node=1", str(script)],
+        env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -75,28 +84,19 @@ def test_a_node_that_cannot_meet_its_master_exits_peer_lost_and_says_why(tmp_pat
     """The worker pod of a master that is gone: retryable (the pod is re-created and meets the next master), and
     the pod's termination message, which the FineTuneJob's status quotes, names the rendezvous."""
     log = tmp_path / "termination-log"
-    command = [sys.executable, "-m", "kubetune_trainer.launch"]
-    env = {**os.environ, "TMPDIR": str(tmp_path), TERMINATION_LOG_ENV: str(log)}
-    env.pop("PET_NODE_RANK", None)
-    (tmp_path / "worker.py").write_text("raise SystemExit(0)")
     nobody = free_port()
-    finished = subprocess.run(
-        [
-            *command,
-            "--nnodes=2",
-            "--node_rank=1",
-            "--nproc_per_node=1",
-            "--master_addr=127.0.0.1",
-            f"--master_port={nobody}",
-            "--rdzv_conf=timeout=3",
-            str(tmp_path / "worker.py"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    second_of_two = (
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={nobody}",
+        "--rdzv_conf=timeout=3",
     )
-    assert finished.returncode == EXIT_PEER_LOST, finished.stderr[-2000:]
+    process = launch(
+        tmp_path, "raise SystemExit(0)", nodes=second_of_two, env={TERMINATION_LOG_ENV: str(log)}
+    )
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PEER_LOST, output[-2000:]
     assert log.read_text().startswith("PeerLost: rendezvous with the other nodes failed (")
 
 

@@ -161,14 +161,16 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
         tiny_llama_dir, data_dir, output, method_block, LEARNING_RATES.get(method, 3e-2), STEPS
     )
     before = untrained_model(job, tiny_llama_dir, STEPS)
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        result = run_job(job)
     if method == "adalora":
+        with warnings.catch_warnings(record=True) as warned:  # only here: other methods' warnings stay shown
+            warnings.simplefilter("always")
+            result = run_job(job)
         # A rank pruned to none is a 2-D tensor with a zero dimension, not an ungathered ZeRO-3 shard.
         shapes = safetensors_shapes(tmp_path / "work" / "adapter" / "adapter_model.safetensors")
         assert any(len(shape) == 2 and 0 in shape for shape in shapes.values()), "no rank was pruned to 0"
         assert not [w for w in warned if "have invalid shape" in str(w.message)]
+    else:
+        result = run_job(job)
 
     # Learning: the loss on a fixed batch of training text goes down, and every trained tensor moved.
     batch = dict(
