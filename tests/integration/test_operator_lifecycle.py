@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -516,6 +516,50 @@ def test_suspend_stops_the_pods_and_resume_runs_them_again(cluster: Cluster, ope
     set_suspend(cluster, namespace, name, False)
     wait_for_phase(cluster, namespace, name, "Running")
     assert read_pytorchjob(cluster, namespace, name)["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_a_burst_of_new_jobs_gets_every_pytorchjob_before_any_pending_status(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """Four jobs wait when a one-worker operator starts: it creates all their children first, then writes
+    their statuses. Orders the API server's writes by resourceVersion, which the test control plane's one
+    etcd numbers in sequence."""
+    namespace = operator.namespace
+    operator.stop()
+    operator.extra_env["KUBETUNE_WORKERS"] = "1"
+    names = [f"burst-{index}" for index in range(4)]
+    for name in names:
+        create(cluster, a_manifest(name, namespace, suspend=True))
+    listed = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    operator.start()
+    for name in names:
+        wait_for_phase(cluster, namespace, name, "Suspended")
+
+    def revisions(
+        group: str, version: str, plural: str, first: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, int]:
+        """Per object, the resourceVersion of the first event since `listed` for which `first` holds."""
+        found: dict[str, int] = {}
+        for event in watch.Watch().stream(
+            cluster.custom.list_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            resource_version=listed["metadata"]["resourceVersion"],
+            timeout_seconds=2,
+        ):
+            if first(event["object"]):
+                metadata = event["object"]["metadata"]
+                found.setdefault(metadata["name"], int(metadata["resourceVersion"]))
+        return found
+
+    first_status = revisions(GROUP, VERSION, PLURAL, lambda job: bool((job.get("status") or {}).get("phase")))
+    children = revisions(*PTJ, lambda pytorchjob: True)
+    assert sorted(first_status) == sorted(children) == names
+    assert max(children.values()) < min(first_status.values()), (
+        f"PyTorchJobs created at {children}, first statuses at {first_status}: a status came first"
+    )
 
 
 def test_deleting_the_job_removes_its_pytorchjob_and_configmap(cluster: Cluster, operator: Operator) -> None:

@@ -107,3 +107,32 @@ def test_a_key_added_now_does_not_also_wait_for_its_delayed_add() -> None:
     time.sleep(0.1)
     queue.add("ns/b")
     assert queue.get() == "ns/b", "the superseded delayed add of ns/a does not come back"
+
+
+def test_keys_added_first_are_served_before_every_other_ready_key() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("ns/status-a")
+    queue.add("ns/status-b")
+    assert not queue.first_waiting()
+    queue.add("ns/new-c", first=True)
+    queue.add("ns/new-d", first=True)
+    queue.add("ns/new-c", first=True)
+    assert queue.first_waiting()
+    assert queue.depth() == 4
+    assert [queue.get() for _ in range(4)] == ["ns/new-c", "ns/new-d", "ns/status-a", "ns/status-b"]
+    assert not queue.first_waiting()
+
+
+def test_a_key_keeps_its_lane_and_one_re_added_first_while_worked_on_comes_back_first() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    queue.add("ns/a")
+    queue.add("ns/a", first=True)  # already waiting: not served twice, and not moved
+    queue.add("ns/b", first=True)
+    assert queue.get() == "ns/b"
+    queue.add("ns/b")  # an event mid-reconcile ...
+    queue.add("ns/b", first=True)  # ... and a new job's event: it comes back ahead
+    queue.done("ns/b")
+    assert queue.get() == "ns/b"
+    queue.done("ns/b")
+    assert queue.get() == "ns/a"
+    assert queue.depth() == 0

@@ -136,6 +136,10 @@ class Store:
         with self._lock:
             return keep_if_newer(self._pytorchjobs, key, body)
 
+    def has_pytorchjob(self, key: JobKey) -> bool:
+        with self._lock:
+            return key in self._pytorchjobs
+
     def drop_pytorchjob(self, key: JobKey, body: Mapping[str, Any]) -> None:
         with self._lock:
             held = self._pytorchjobs.get(key)

@@ -7,6 +7,13 @@ exists): a key added while it waits is not added twice, a key added while a work
 once that worker is done, and a failed key comes back after a growing delay. One departure: a key added now
 no longer waits for a delayed add of it as well (client-go would run it twice); the reconcile that runs now
 sees everything the delayed one would have, and a failure schedules its own retry.
+
+Keys can also be added `first`: they go ahead of every other ready key. The operator adds a new job so, to
+create its children before it writes anyone's status (see `Reconciler.job_event`). client-go's queue has no
+such lane; controller-runtime's priority queue makes the same kind of choice, serving objects that just
+changed before the reconciles of a start-up or a resync. The lanes are strict: while new jobs keep coming
+faster than the workers give them children, everything else waits (a burst of submissions, not a state
+the operator stays in).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ class WorkQueue(Generic[K]):
     def __init__(self, base_delay: float = 0.5, max_delay: float = 60.0) -> None:
         self.base_delay, self.max_delay = base_delay, max_delay
         self._ready: deque[K] = deque()
-        self._waiting: set[K] = set()
-        """Keys in `_ready`, or that will be once their worker is done."""
+        self._first: deque[K] = deque()
+        """Ready keys added `first`: served before any in `_ready`."""
+        self._waiting: dict[K, bool] = {}
+        """Keys in a lane, or that will be once their worker is done; the value says which lane."""
         self._busy: set[K] = set()
         self._later: list[tuple[float, int, K]] = []
         self._due: dict[K, float] = {}
@@ -39,18 +48,27 @@ class WorkQueue(Generic[K]):
         self._shut = False
         self._changed = threading.Condition()
 
-    def add(self, key: K) -> None:
+    def add(self, key: K, first: bool = False) -> None:
+        """Queue the key; `first` puts it ahead of every key added without it. A key keeps the lane it
+        waits in, except that one added `first` while a worker has it comes back `first`."""
         with self._changed:
             self._due.pop(key, None)
-            self._add(key)
+            self._add(key, first)
 
-    def _add(self, key: K) -> None:
-        if self._shut or key in self._waiting:
+    def _add(self, key: K, first: bool = False) -> None:
+        if self._shut:
             return
-        self._waiting.add(key)
+        if key in self._waiting:
+            if first and key in self._busy:
+                self._waiting[key] = True
+            return
+        self._waiting[key] = first
         if key not in self._busy:
-            self._ready.append(key)
+            self._lane(first).append(key)
             self._changed.notify()
+
+    def _lane(self, first: bool) -> deque[K]:
+        return self._first if first else self._ready
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add the key in `seconds`, unless it is due sooner already."""
@@ -88,9 +106,9 @@ class WorkQueue(Generic[K]):
                     if self._due.get(due) == at:
                         del self._due[due]
                         self._add(due)
-                if self._ready:
-                    key = self._ready.popleft()
-                    self._waiting.discard(key)
+                if lane := self._first or self._ready:
+                    key = lane.popleft()
+                    del self._waiting[key]
                     self._busy.add(key)
                     return key
                 timeout = self._later[0][0] - now if self._later else None
@@ -100,13 +118,18 @@ class WorkQueue(Generic[K]):
         with self._changed:
             self._busy.discard(key)
             if key in self._waiting:
-                self._ready.append(key)
+                self._lane(self._waiting[key]).append(key)
                 self._changed.notify()
 
     def depth(self) -> int:
         """Keys waiting for a worker: ready now, due later (a retry), or queued again while being worked on."""
         with self._changed:
-            return len(self._waiting | self._due.keys())
+            return len(self._waiting.keys() | self._due.keys())
+
+    def first_waiting(self) -> bool:
+        """Whether a key added `first` is ready and waiting for a worker."""
+        with self._changed:
+            return bool(self._first)
 
     def shut_down(self) -> None:
         with self._changed:
