@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from bench.common import markdown_table, percentile, summarize
 from bench.operator_scale import (
+    BENCH_USER,
     OPERATOR_USER,
     PEER_USER,
     Request,
     Window,
     attribute_writes,
+    created_in_audit,
     owning_job,
     patched_fields,
     peer_writes,
@@ -63,6 +65,7 @@ def test_markdown_tables_escape_pipes_and_show_missing_values_as_dashes() -> Non
 def request(at: float, verb: str, resource: str, name: str, **kwargs: Any) -> Request:
     return Request(
         at=at,
+        done=kwargs.get("done", at),
         user=kwargs.get("user", OPERATOR_USER),
         verb=verb,
         resource=resource,
@@ -135,6 +138,26 @@ def test_writes_split_at_the_patch_that_makes_the_job_running() -> None:
         "byKind": {"create pytorchjobs": 1},
     }
     assert peer_writes(requests, ["a"], Window(0, 10))["perJob"] == 1
+
+
+def test_hops_are_timed_between_the_completions_of_the_creates_the_api_server_accepted() -> None:
+    requests = [
+        request(1.0, "create", "finetunejobs", "a", user=BENCH_USER, code=201, done=1.1),
+        request(1.2, "create", "configmaps", "a-spec", code=201, done=1.3),
+        request(1.3, "create", "pytorchjobs", "a", code=201, done=1.6),
+        request(2.0, "create", "pytorchjobs", "a", code=409, done=2.1),  # a retry refused: not a creation
+        request(1.7, "create", "pods", "a-worker-0", user=PEER_USER, code=201, done=1.9),
+        request(1.7, "create", "pods", "a-master-0", user=PEER_USER, code=201, done=1.8),
+        request(1.8, "patch", "pytorchjobs", "a", subresource="status", user=PEER_USER, done=1.85),
+        # b never got further
+        request(1.0, "create", "finetunejobs", "b", user=BENCH_USER, code=201, done=1.2),
+        request(1.0, "create", "pytorchjobs", "someone-elses", code=201, done=1.4),
+    ]
+    created = created_in_audit(requests, ["a", "b"])
+    assert created.intervals("ftj_created", "ptj_created", ["a", "b"]) == pytest.approx([0.5])
+    first_pod = created.intervals("ptj_created", "pod_created", ["a", "b"])
+    assert first_pod == pytest.approx([0.2])
+    assert created.count("ftj_created") == 2
 
 
 def test_a_profile_is_summed_by_category_and_by_our_functions(tmp_path: Path) -> None:
@@ -210,3 +233,14 @@ def test_sections_come_in_a_fixed_order_whatever_the_files(tmp_path: Path) -> No
 def test_anchors_follow_github() -> None:
     assert anchor("Operator at fleet scale") == "operator-at-fleet-scale"
     assert anchor("Trainer throughput (CPU)") == "trainer-throughput-cpu"
+
+
+def test_the_latency_table_shows_the_hop_as_the_watches_saw_it_beside_the_audit(tmp_path: Path) -> None:
+    results = json.loads(FIXTURE.read_text())
+    latency = results["scales"][-1]["operator"]["latency"]
+    latency["watched"] = {"createToPyTorchJob": summarize([7.25] * 10)}
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    rows = [
+        line for line in build_report(tmp_path).splitlines() if "as the benchmark's watches saw it" in line
+    ]
+    assert len(rows) == 1 and "7.25 s" in rows[0], "only where the results hold it"
