@@ -842,6 +842,47 @@ def created_in_audit(requests: Sequence[Request], jobs: Sequence[str]) -> Arriva
     return created
 
 
+HOP_SEGMENTS = (
+    (
+        "toFirstWrite",
+        "FineTuneJob created → our ConfigMap create received: the watch event, our queue, rendering",
+    ),
+    ("configMapCreate", "the API server creates the ConfigMap"),
+    ("betweenWrites", "ConfigMap answered → our PyTorchJob create received"),
+    ("pyTorchJobCreate", "the API server creates the PyTorchJob (with the training operator's webhook)"),
+)
+"""Our hop cut at the operator's two creates, which add up to it; each end is an audit timestamp."""
+
+
+def hop_segments(requests: Sequence[Request], jobs: Sequence[str]) -> dict[str, list[float]]:
+    """Per job that went through the whole hop, the seconds spent in each of HOP_SEGMENTS."""
+    names = set(jobs)
+    created = created_in_audit(requests, jobs).times["ftj_created"]
+    children: dict[str, dict[str, Request]] = collections.defaultdict(dict)
+    for request in requests:
+        if request.user != OPERATOR_USER or request.verb != "create" or request.code >= 300:
+            continue
+        if request.resource in ("configmaps", PTJ_PLURAL) and (job := owning_job(request, names)) is not None:
+            children[job].setdefault(request.resource, request)
+    segments: dict[str, list[float]] = {key: [] for key, _ in HOP_SEGMENTS}
+    for job, made in children.items():
+        config_map, pytorchjob = made.get("configmaps"), made.get(PTJ_PLURAL)
+        if job not in created or config_map is None or pytorchjob is None:
+            continue
+        for (key, _), seconds in zip(
+            HOP_SEGMENTS,
+            (
+                config_map.at - created[job],
+                config_map.done - config_map.at,
+                pytorchjob.at - config_map.done,
+                pytorchjob.done - pytorchjob.at,
+            ),
+            strict=True,
+        ):
+            segments[key].append(seconds)
+    return segments
+
+
 def _strip_replica(name: str, jobs: set[str]) -> str | None:
     """`<job>-master-0` / `<job>-worker-3` (pods and services of a PyTorchJob) -> `<job>`."""
     for replica in ("-master-", "-worker-"):
@@ -1131,6 +1172,7 @@ def run_operator(
         "createToPyTorchJob": summarize(created.intervals("ftj_created", "ptj_created", names)),
         "pyTorchJobToPod": summarize(created.intervals("ptj_created", "pod_created", names)),
     }
+    result["hopSegments"] = {key: summarize(values) for key, values in hop_segments(requests, names).items()}
     result["writes"] = attribute_writes(requests, names, steady, restart)
     result["reads"] = {
         "wave": reads_summary(requests, wave, jobs),
@@ -1629,6 +1671,28 @@ def writes_table(results: dict[str, Any]) -> str:
     )
 
 
+def hop_table(results: dict[str, Any]) -> str:
+    """Where our hop's time goes, per scale: the means add up to the hop's mean (percentiles do not)."""
+    rows: list[list[object]] = []
+    for scale in results["scales"]:
+        segments = scale["operator"].get("hopSegments")
+        if not segments:
+            continue
+        total = sum(segments[key]["mean"] or 0.0 for key, _ in HOP_SEGMENTS)
+        for key, label in HOP_SEGMENTS:
+            stats = segments[key]
+            share = f"{100 * stats['mean'] / total:.0f}%" if total and stats["mean"] is not None else "—"
+            rows.append(
+                [scale["jobs"], label, _fmt(stats["p50"]), _fmt(stats["p99"]), _fmt(stats["mean"]), share]
+            )
+    if not rows:
+        return ""
+    return (
+        "Where our hop's time goes, cut at the operator's two creates in the audit log (mean shares add up):\n\n"
+        + markdown_table(["jobs", "segment", "p50", "p99", "mean", "of the mean hop"], rows)
+    )
+
+
 def breakdown(results: dict[str, Any]) -> str:
     largest = results["scales"][-1]
     writes = largest["operator"]["writes"]
@@ -1730,6 +1794,19 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"any queueing. While new jobs wait, each of the {workers} workers writes one job's ConfigMap and "
             f"PyTorchJob and leaves its Pending status for after the burst, so at that latency they start at "
             f"most {capacity:.0f} jobs/s against {jobs / ours['submitSeconds']:.0f} jobs/s submitted."
+        )
+    segments = ours.get("hopSegments") or {}
+    found = {key: (segments.get(key) or {}).get("mean") for key, _ in HOP_SEGMENTS}
+    means: dict[str, float] = {key: float(mean) for key, mean in found.items() if mean is not None}
+    if len(means) == len(HOP_SEGMENTS):
+        total = sum(means.values())
+        server = means["configMapCreate"] + means["pyTorchJobCreate"]
+        said.append(
+            f"**Where the hop goes** ({jobs} jobs, means from the audit log, which add up): of {_fmt(total)}, "
+            f"{_fmt(server)} ({100 * server / total:.0f}%) is the API server creating the ConfigMap and the "
+            f"PyTorchJob, {_fmt(means['toFirstWrite'])} ({100 * means['toFirstWrite'] / total:.0f}%) passes "
+            "before the operator's first write (the watch event reaching it, the queue, rendering) and "
+            f"{_fmt(means['betweenWrites'])} ({100 * means['betweenWrites'] / total:.0f}%) between its two writes."
         )
     # Per-job costs from the largest N that finished its wave: there every job went through the whole story.
     settled = settled_scale(results)
@@ -1864,6 +1941,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "### Latency per job\n",
             latency_table(results),
             ratio_table(results),
+            hop_table(results),
             watch_note(results),
             "### API writes per job\n",
             writes_table(results),

@@ -18,6 +18,7 @@ from bench.operator_scale import (
     Window,
     attribute_writes,
     created_in_audit,
+    hop_segments,
     owning_job,
     patched_fields,
     peer_writes,
@@ -160,6 +161,25 @@ def test_hops_are_timed_between_the_completions_of_the_creates_the_api_server_ac
     assert created.count("ftj_created") == 2
 
 
+def test_our_hop_is_cut_at_the_operators_two_creates_into_segments_that_add_up_to_it() -> None:
+    requests = [
+        request(1.0, "create", "finetunejobs", "a", user=BENCH_USER, code=201, done=1.1),
+        request(1.2, "create", "configmaps", "a-spec", code=201, done=1.3),
+        request(1.35, "create", "pytorchjobs", "a", code=201, done=1.6),
+        request(1.0, "create", "finetunejobs", "b", user=BENCH_USER, code=201, done=1.1),
+        request(1.5, "create", "configmaps", "b-spec", code=201, done=1.7),  # b's PyTorchJob never came
+    ]
+    segments = hop_segments(requests, ["a", "b"])
+    assert segments == {
+        "toFirstWrite": pytest.approx([0.1]),
+        "configMapCreate": pytest.approx([0.1]),
+        "betweenWrites": pytest.approx([0.05]),
+        "pyTorchJobCreate": pytest.approx([0.25]),
+    }
+    hop = created_in_audit(requests, ["a", "b"]).intervals("ftj_created", "ptj_created", ["a"])
+    assert sum(values[0] for values in segments.values()) == pytest.approx(hop[0])
+
+
 def test_a_profile_is_summed_by_category_and_by_our_functions(tmp_path: Path) -> None:
     stacks = tmp_path / "raw.txt"
     stacks.write_text(
@@ -244,3 +264,19 @@ def test_the_latency_table_shows_the_hop_as_the_watches_saw_it_beside_the_audit(
         line for line in build_report(tmp_path).splitlines() if "as the benchmark's watches saw it" in line
     ]
     assert len(rows) == 1 and "7.25 s" in rows[0], "only where the results hold it"
+
+
+def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(tmp_path: Path) -> None:
+    results = json.loads(FIXTURE.read_text())
+    results["scales"][-1]["operator"]["hopSegments"] = {
+        "toFirstWrite": summarize([1.0] * 4),
+        "configMapCreate": summarize([0.5] * 4),
+        "betweenWrites": summarize([0.1] * 4),
+        "pyTorchJobCreate": summarize([0.4] * 4),
+    }
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    page = build_report(tmp_path)
+    finding = next(line for line in page.splitlines() if "**Where the hop goes**" in line)
+    assert "of 2 s, 0.9 s (45%) is the API server" in finding
+    assert "1 s (50%) passes before the operator's first write" in finding
+    assert "| the API server creates the ConfigMap | 0.5 s | 0.5 s | 0.5 s | 25% |" in page
