@@ -1779,35 +1779,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"hop's p50 is {_fmt(hop['p50'])} and its p99 {_fmt(hop['p99'])}. The training operator queues the "
             f"same way in the same run (its hop: p50 {_fmt(peer['p50'])}, p99 {_fmt(peer['p99'])})."
         )
-    calls, floor_calls = ours["latency"].get("createCall"), largest["floor"]["latency"].get("createCall")
-    workers = results["settings"].get("operatorWorkers")
-    if calls and calls["p50"] and floor_calls and workers:
-        # While new jobs wait, each worker makes a job's two child writes one after the other and leaves its
-        # status for later: at the write latency of the moment, that caps how many jobs per second the operator
-        # can start, however little CPU it uses.
-        capacity = workers / (2 * calls["p50"])
-        said.append(
-            f"**The API server's write latency.** While the {jobs} FineTuneJobs were submitted, one create call "
-            f"took p50 {_fmt(calls['p50'])}, p99 {_fmt(calls['p99'])} (while the floor's PyTorchJobs were: p50 "
-            f"{_fmt(floor_calls['p50'])}, p99 {_fmt(floor_calls['p99'])}). Our hop is two writes in a row (the "
-            f"ConfigMap, then the PyTorchJob), so about {_fmt(2 * calls['p50'])} at the median latency before "
-            f"any queueing. While new jobs wait, each of the {workers} workers writes one job's ConfigMap and "
-            f"PyTorchJob and leaves its Pending status for after the burst, so at that latency they start at "
-            f"most {capacity:.0f} jobs/s against {jobs / ours['submitSeconds']:.0f} jobs/s submitted."
-        )
-    segments = ours.get("hopSegments") or {}
-    found = {key: (segments.get(key) or {}).get("mean") for key, _ in HOP_SEGMENTS}
-    means: dict[str, float] = {key: float(mean) for key, mean in found.items() if mean is not None}
-    if len(means) == len(HOP_SEGMENTS):
-        total = sum(means.values())
-        server = means["configMapCreate"] + means["pyTorchJobCreate"]
-        said.append(
-            f"**Where the hop goes** ({jobs} jobs, means from the audit log, which add up): of {_fmt(total)}, "
-            f"{_fmt(server)} ({100 * server / total:.0f}%) is the API server creating the ConfigMap and the "
-            f"PyTorchJob, {_fmt(means['toFirstWrite'])} ({100 * means['toFirstWrite'] / total:.0f}%) passes "
-            "before the operator's first write (the watch event reaching it, the queue, rendering) and "
-            f"{_fmt(means['betweenWrites'])} ({100 * means['betweenWrites'] / total:.0f}%) between its two writes."
-        )
+    said += _hop_findings(results)
     # Per-job costs from the largest N that finished its wave: there every job went through the whole story.
     settled = settled_scale(results)
     jobs, ours = settled["jobs"], settled["operator"]
@@ -1901,6 +1873,69 @@ def findings(results: dict[str, Any]) -> list[str]:
             + "."
         )
     return said
+
+
+def _hop_findings(results: dict[str, Any]) -> list[str]:
+    """What the hop at the largest N is made of and why its jobs wait: from the audit log's segments when the
+    results hold them, else from the benchmark's own create calls."""
+    largest = results["scales"][-1]
+    jobs, ours = largest["jobs"], largest["operator"]
+    calls, floor_calls = ours["latency"].get("createCall"), largest["floor"]["latency"].get("createCall")
+    workers = results["settings"].get("operatorWorkers")
+    submitted = jobs / ours["submitSeconds"]
+    segments = ours.get("hopSegments") or {}
+    found = {key: (segments.get(key) or {}).get("mean") for key, _ in HOP_SEGMENTS}
+    means: dict[str, float] = {key: float(mean) for key, mean in found.items() if mean is not None}
+    if len(means) == len(HOP_SEGMENTS) and workers:
+        total = sum(means.values())
+        server = means["configMapCreate"] + means["pyTorchJobCreate"]
+        said = [
+            f"**Where the hop goes** ({jobs} jobs, means from the audit log, which add up): of {_fmt(total)}, "
+            f"{_fmt(server)} ({100 * server / total:.0f}%) is the API server creating the ConfigMap and the "
+            f"PyTorchJob, {_fmt(means['betweenWrites'])} ({100 * means['betweenWrites'] / total:.0f}%) the "
+            f"operator's own time between the two, and {_fmt(means['toFirstWrite'])} "
+            f"({100 * means['toFirstWrite'] / total:.0f}%) passes before its first write: the watch event "
+            "reaching it and, mostly, the queue."
+        ]
+        writes = ours["writes"]["create"]["perJob"]
+        if writes:
+            # A worker is held for a write's whole round trip; the two creates and the gap between them, halved,
+            # is what one write holds it for (the gap after the second write, and event-only reconciles, come
+            # on top, so this is a lower bound on how busy the workers are).
+            per_write = (server + means["betweenWrites"]) / 2
+            busy = submitted * writes * per_write / workers
+            said.append(
+                f"**Why new jobs queue: the workers are busy writing.** Every job costs {writes:.1f} writes "
+                f"within the burst (ConfigMap, PyTorchJob, Pending status). One write holds a worker about "
+                f"{_fmt(per_write)} (the two creates and the gap between them, halved), so {submitted:.0f} jobs/s "
+                f"submitted keep the {workers} workers at least {100 * busy:.0f}% busy before any other event "
+                "is reconciled, and a queue that busy waits many times a write's duration. More workers do not "
+                "help: the API server slows with the writes in flight (64 workers were slower than 32)."
+            )
+        if calls and calls["p50"] and floor_calls:
+            said.append(
+                f"**The clients' side of a write.** The benchmark's own create calls took p50 {_fmt(calls['p50'])} "
+                f"as a client sees them (the floor's: {_fmt(floor_calls['p50'])}), against "
+                f"p50 {_fmt(segments['configMapCreate']['p50'])} for our ConfigMap creates inside the API "
+                "server's handlers: the rest is spent in the clients and in getting the request to the API "
+                "server on cores the whole control plane shares."
+            )
+        return said
+    if calls and calls["p50"] and floor_calls and workers:
+        # While new jobs wait, each worker makes a job's two child writes one after the other and leaves its
+        # status for later: at the write latency of the moment, that caps how many jobs per second the operator
+        # can start, however little CPU it uses.
+        capacity = workers / (2 * calls["p50"])
+        return [
+            f"**The API server's write latency.** While the {jobs} FineTuneJobs were submitted, one create call "
+            f"took p50 {_fmt(calls['p50'])}, p99 {_fmt(calls['p99'])} (while the floor's PyTorchJobs were: p50 "
+            f"{_fmt(floor_calls['p50'])}, p99 {_fmt(floor_calls['p99'])}). Our hop is two writes in a row (the "
+            f"ConfigMap, then the PyTorchJob), so about {_fmt(2 * calls['p50'])} at the median latency before "
+            f"any queueing. While new jobs wait, each of the {workers} workers writes one job's ConfigMap and "
+            f"PyTorchJob and leaves its Pending status for after the burst, so at that latency they start at "
+            f"most {capacity:.0f} jobs/s against {submitted:.0f} jobs/s submitted."
+        ]
+    return []
 
 
 def render_markdown(results: dict[str, Any]) -> str:

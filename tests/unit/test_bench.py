@@ -274,9 +274,16 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
         "betweenWrites": summarize([0.1] * 4),
         "pyTorchJobCreate": summarize([0.4] * 4),
     }
+    results["settings"]["operatorWorkers"] = 10
+    largest = results["scales"][-1]
+    largest["jobs"], largest["operator"]["submitSeconds"] = 100, 10.0
+    largest["operator"]["writes"]["create"]["perJob"] = 3.0
     (tmp_path / "operator_scale.json").write_text(json.dumps(results))
     page = build_report(tmp_path)
     finding = next(line for line in page.splitlines() if "**Where the hop goes**" in line)
     assert "of 2 s, 0.9 s (45%) is the API server" in finding
-    assert "1 s (50%) passes before the operator's first write" in finding
+    assert "1 s (50%) passes before its first write" in finding
+    busy = next(line for line in page.splitlines() if "**Why new jobs queue" in line)
+    # 10 jobs/s x 3 writes x 0.5 s per write (the two creates and the gap, 1 s, halved) over 10 workers
+    assert "holds a worker about 0.5 s" in busy and "at least 150% busy" in busy
     assert "| the API server creates the ConfigMap | 0.5 s | 0.5 s | 0.5 s | 25% |" in page
