@@ -181,6 +181,7 @@ def test_the_dashboard_shows_what_platform_and_ml_engineers_look_for() -> None:
         "kubetune_operator_finetunejobs",
         "kubetune_operator_reconcile_errors_total",
         "kubetune_operator_queue_depth",  # a backlog at 3 a.m.: too few workers or a slow API server
+        "kubetune_operator_queue_wait_seconds_bucket",  # how long new jobs wait for their PyTorchJob
     }
     assert wanted <= used, f"not on the dashboard: {sorted(wanted - used)}"
 

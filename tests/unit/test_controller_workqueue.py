@@ -136,3 +136,22 @@ def test_a_key_keeps_its_lane_and_one_re_added_first_while_worked_on_comes_back_
     queue.done("ns/b")
     assert queue.get() == "ns/a"
     assert queue.depth() == 0
+
+
+def test_each_key_taken_says_its_lane_and_how_long_it_waited_since_it_was_added() -> None:
+    """What `kubetune_operator_queue_wait_seconds` is made of; a key re-added while worked on waits from then,
+    its wait including the rest of that reconcile (as client-go counts it)."""
+    waits: list[tuple[bool, float]] = []
+    queue: WorkQueue[str] = WorkQueue(waited=lambda first, seconds: waits.append((first, seconds)))
+    queue.add("ns/old")
+    time.sleep(0.05)
+    queue.add("ns/new", first=True)
+    assert queue.get() == "ns/new"
+    assert queue.get() == "ns/old"
+    assert [first for first, _ in waits] == [True, False]
+    assert waits[1][1] >= 0.05 and waits[1][1] > waits[0][1], "the old key waited through the new one's turn"
+    queue.add("ns/old")  # an event while a worker has it
+    time.sleep(0.05)
+    queue.done("ns/old")
+    assert queue.get() == "ns/old"
+    assert waits[2][0] is False and waits[2][1] >= 0.05

@@ -86,7 +86,7 @@ class Reconciler:
     def __init__(self, kube: Kube, settings: OperatorConfig) -> None:
         self.kube, self.settings = kube, settings
         self.store = Store()
-        self.queue: WorkQueue[JobKey] = WorkQueue()
+        self.queue: WorkQueue[JobKey] = WorkQueue(waited=metrics.queue_waited)
         self._specs: dict[JobKey, Spec] = {}
         self._statuses: dict[JobKey, tuple[str, FineTuneJobStatus]] = {}
         self._progress: dict[JobKey, Progress] = {}

@@ -23,17 +23,22 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+Waited = Callable[[bool, float], None]
+"""Told, as a worker takes a key, whether it came from the `first` lane and how many seconds it waited."""
 
 
 class WorkQueue(Generic[K]):
     """Thread-safe; `get` blocks until a key is ready or the queue is shut down."""
 
-    def __init__(self, base_delay: float = 0.5, max_delay: float = 60.0) -> None:
+    def __init__(self, base_delay: float = 0.5, max_delay: float = 60.0, waited: Waited | None = None) -> None:
         self.base_delay, self.max_delay = base_delay, max_delay
+        self._waited = waited
+        self._since: dict[K, float] = {}
+        """When each waiting key started waiting: added, or due after its delay (as client-go times it)."""
         self._ready: deque[K] = deque()
         self._first: deque[K] = deque()
         """Ready keys added `first`: served before any in `_ready`."""
@@ -63,6 +68,7 @@ class WorkQueue(Generic[K]):
                 self._waiting[key] = True
             return
         self._waiting[key] = first
+        self._since[key] = time.monotonic()
         if key not in self._busy:
             self._lane(first).append(key)
             self._changed.notify()
@@ -110,9 +116,13 @@ class WorkQueue(Generic[K]):
                     key = lane.popleft()
                     del self._waiting[key]
                     self._busy.add(key)
-                    return key
+                    waited = max(0.0, now - self._since.pop(key, now))
+                    break
                 timeout = self._later[0][0] - now if self._later else None
                 self._changed.wait(timeout)
+        if self._waited is not None:
+            self._waited(lane is self._first, waited)
+        return key
 
     def done(self, key: K) -> None:
         with self._changed:
