@@ -690,6 +690,26 @@ class OperatorProcess:
                     found.queued = sample.value
         return found
 
+    def queue_wait(self) -> dict[str, dict[str, float | None]]:
+        """Per lane of the operator's work queue: how many keys workers took and their mean wait, from its
+        own kubetune_operator_queue_wait_seconds histogram."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+        sums: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        for family in text_string_to_metric_families(text):
+            if family.name != "kubetune_operator_queue_wait_seconds":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    sums[sample.labels["lane"]][sample.name.rsplit("_", 1)[1]] = sample.value
+        return {
+            lane: {
+                "count": found.get("count", 0.0),
+                "meanSeconds": round(found["sum"] / found["count"], 4) if found.get("count") else None,
+            }
+            for lane, found in sums.items()
+        }
+
     def stop(self) -> None:
         if self.popen is None or self.process is None:
             return
@@ -1089,6 +1109,7 @@ def run_operator(
         time.sleep(3)  # trailing pod and PyTorchJob events of the last jobs
         wave_cpu = operator.cpu_seconds() - cpu_before
         wave_peak = operator.peak_rss_mib
+        queue_wait = operator.queue_wait()
         watches.stop()
         # A FineTuneJob exists once its create call returned, even if the watch event came later.
         for name, at in submission.finished.items():
@@ -1121,6 +1142,7 @@ def run_operator(
                 arrivals, first, ("ftj_created", "ptj_created", "pod_created", "ftj_running")
             ),
             "watchRestarts": watches.restarts,
+            "queueWait": queue_wait,
         }
         wave = Window(wave_start_wall, time.time())
 
@@ -1889,13 +1911,20 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
     if len(means) == len(HOP_SEGMENTS) and workers:
         total = sum(means.values())
         server = means["configMapCreate"] + means["pyTorchJobCreate"]
+        waited = ((ours.get("queueWait") or {}).get("first") or {}).get("meanSeconds")
         said = [
             f"**Where the hop goes** ({jobs} jobs, means from the audit log, which add up): of {_fmt(total)}, "
             f"{_fmt(server)} ({100 * server / total:.0f}%) is the API server creating the ConfigMap and the "
             f"PyTorchJob, {_fmt(means['betweenWrites'])} ({100 * means['betweenWrites'] / total:.0f}%) the "
             f"operator's own time between the two, and {_fmt(means['toFirstWrite'])} "
             f"({100 * means['toFirstWrite'] / total:.0f}%) passes before its first write: the watch event "
-            "reaching it and, mostly, the queue."
+            "reaching it, the queue and rendering."
+            + (
+                f" The operator's own histogram says how much of that is the queue: new jobs waited "
+                f"{_fmt(waited)} for a worker on average."
+                if waited is not None
+                else ""
+            )
         ]
         writes = ours["writes"]["create"]["perJob"]
         if writes:

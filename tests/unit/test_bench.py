@@ -283,6 +283,11 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     finding = next(line for line in page.splitlines() if "**Where the hop goes**" in line)
     assert "of 2 s, 0.9 s (45%) is the API server" in finding
     assert "1 s (50%) passes before its first write" in finding
+    assert "histogram" not in finding, "said only where the results hold the operator's queue wait"
+    largest["operator"]["queueWait"] = {"first": {"count": 100, "meanSeconds": 0.75}}
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    finding = next(line for line in build_report(tmp_path).splitlines() if "**Where the hop goes**" in line)
+    assert "new jobs waited 0.75 s for a worker on average" in finding
     busy = next(line for line in page.splitlines() if "**Why new jobs queue" in line)
     # 10 jobs/s x 3 writes x 0.5 s per write (the two creates and the gap, 1 s, halved) over 10 workers
     assert "holds a worker about 0.5 s" in busy and "at least 150% busy" in busy
