@@ -1897,6 +1897,21 @@ def findings(results: dict[str, Any]) -> list[str]:
     return said
 
 
+def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> str:
+    """Splits the time before the operator's first write by its own queue-wait histogram."""
+    closed = (ours.get("slowWatchersClosed") or {}).get(f"/{GROUP}/{PLURAL}/", 0)
+    return (
+        f" Of that, new jobs waited {_fmt(waited)} for a worker on average (the operator's own histogram); the "
+        f"rest, about {_fmt(max(0.0, before - waited))}, is the FineTuneJob's watch event reaching the operator "
+        "and the rendering"
+        + (
+            f" (the API server closed the operator's FineTuneJob watch {closed} time(s) for falling behind)."
+            if closed
+            else "."
+        )
+    )
+
+
 def _hop_findings(results: dict[str, Any]) -> list[str]:
     """What the hop at the largest N is made of and why its jobs wait: from the audit log's segments when the
     results hold them, else from the benchmark's own create calls."""
@@ -1919,12 +1934,7 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
             f"operator's own time between the two, and {_fmt(means['toFirstWrite'])} "
             f"({100 * means['toFirstWrite'] / total:.0f}%) passes before its first write: the watch event "
             "reaching it, the queue and rendering."
-            + (
-                f" The operator's own histogram says how much of that is the queue: new jobs waited "
-                f"{_fmt(waited)} for a worker on average."
-                if waited is not None
-                else ""
-            )
+            + (_before_first_write(ours, means["toFirstWrite"], waited) if waited is not None else "")
         ]
         writes = ours["writes"]["create"]["perJob"]
         if writes:
@@ -1933,13 +1943,21 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
             # on top, so this is a lower bound on how busy the workers are).
             per_write = (server + means["betweenWrites"]) / 2
             busy = submitted * writes * per_write / workers
+            other = ((ours.get("queueWait") or {}).get("ordinary") or {}).get("meanSeconds")
             said.append(
-                f"**Why new jobs queue: the workers are busy writing.** Every job costs {writes:.1f} writes "
+                f"**The workers are busy writing.** Every job costs {writes:.1f} writes "
                 f"within the burst (ConfigMap, PyTorchJob, Pending status). One write holds a worker about "
                 f"{_fmt(per_write)} (the two creates and the gap between them, halved), so {submitted:.0f} jobs/s "
                 f"submitted keep the {workers} workers at least {100 * busy:.0f}% busy before any other event "
-                "is reconciled, and a queue that busy waits many times a write's duration. More workers do not "
-                "help: the API server slows with the writes in flight (64 workers were slower than 32)."
+                "is reconciled, and a queue that busy waits many times a write's duration"
+                + (
+                    f": the other reconciles waited {_fmt(other)} on average, new jobs, which go first, "
+                    f"{_fmt(waited)}."
+                    if other is not None and waited is not None
+                    else "."
+                )
+                + " More workers do not help: the API server slows with the writes in flight (64 workers were "
+                "slower than 32)."
             )
         if calls and calls["p50"] and floor_calls:
             said.append(

@@ -288,7 +288,8 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     (tmp_path / "operator_scale.json").write_text(json.dumps(results))
     finding = next(line for line in build_report(tmp_path).splitlines() if "**Where the hop goes**" in line)
     assert "new jobs waited 0.75 s for a worker on average" in finding
-    busy = next(line for line in page.splitlines() if "**Why new jobs queue" in line)
+    assert "the rest, about 0.25 s, is the FineTuneJob's watch event reaching the operator" in finding
+    busy = next(line for line in page.splitlines() if "**The workers are busy writing" in line)
     # 10 jobs/s x 3 writes x 0.5 s per write (the two creates and the gap, 1 s, halved) over 10 workers
     assert "holds a worker about 0.5 s" in busy and "at least 150% busy" in busy
     assert "| the API server creates the ConfigMap | 0.5 s | 0.5 s | 0.5 s | 25% |" in page
