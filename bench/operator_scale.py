@@ -57,6 +57,7 @@ import psutil
 import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
@@ -675,12 +676,15 @@ class OperatorProcess:
     def cpu_seconds(self) -> float:
         return self.samples[-1].cpu_seconds if self.samples else 0.0
 
+    def _metric_families(self) -> list[Metric]:
+        """One scrape of the operator's /metrics, parsed."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
+            return list(text_string_to_metric_families(response.read().decode()))
+
     def progress(self) -> Progress:
         """Reconciles, watch events by kind and the queue's depth, from the operator's /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
-            text = response.read().decode()
         found = Progress()
-        for family in text_string_to_metric_families(text):
+        for family in self._metric_families():
             for sample in family.samples:
                 if family.name == "kubetune_operator_reconciles" and sample.name.endswith("_total"):
                     found.reconciles += sample.value
@@ -693,10 +697,8 @@ class OperatorProcess:
     def queue_wait(self) -> dict[str, dict[str, float | None]]:
         """Per lane of the operator's work queue: how many keys workers took and their mean wait, from its
         own kubetune_operator_queue_wait_seconds histogram."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
-            text = response.read().decode()
         sums: dict[str, dict[str, float]] = collections.defaultdict(dict)
-        for family in text_string_to_metric_families(text):
+        for family in self._metric_families():
             if family.name != "kubetune_operator_queue_wait_seconds":
                 continue
             for sample in family.samples:
@@ -874,10 +876,13 @@ HOP_SEGMENTS = (
 """Our hop cut at the operator's two creates, which add up to it; each end is an audit timestamp."""
 
 
-def hop_segments(requests: Sequence[Request], jobs: Sequence[str]) -> dict[str, list[float]]:
-    """Per job that went through the whole hop, the seconds spent in each of HOP_SEGMENTS."""
+def hop_segments(
+    requests: Sequence[Request], jobs: Sequence[str], created: Arrivals
+) -> dict[str, list[float]]:
+    """Per job that went through the whole hop, the seconds spent in each of HOP_SEGMENTS; `created` is
+    `created_in_audit` of the same requests."""
     names = set(jobs)
-    created = created_in_audit(requests, jobs).times["ftj_created"]
+    job_created = created.times["ftj_created"]
     children: dict[str, dict[str, Request]] = collections.defaultdict(dict)
     for request in requests:
         if request.user != OPERATOR_USER or request.verb != "create" or request.code >= 300:
@@ -887,12 +892,12 @@ def hop_segments(requests: Sequence[Request], jobs: Sequence[str]) -> dict[str, 
     segments: dict[str, list[float]] = {key: [] for key, _ in HOP_SEGMENTS}
     for job, made in children.items():
         config_map, pytorchjob = made.get("configmaps"), made.get(PTJ_PLURAL)
-        if job not in created or config_map is None or pytorchjob is None:
+        if job not in job_created or config_map is None or pytorchjob is None:
             continue
         for (key, _), seconds in zip(
             HOP_SEGMENTS,
             (
-                config_map.at - created[job],
+                config_map.at - job_created[job],
                 config_map.done - config_map.at,
                 pytorchjob.at - config_map.done,
                 pytorchjob.done - pytorchjob.at,
@@ -1194,7 +1199,9 @@ def run_operator(
         "createToPyTorchJob": summarize(created.intervals("ftj_created", "ptj_created", names)),
         "pyTorchJobToPod": summarize(created.intervals("ptj_created", "pod_created", names)),
     }
-    result["hopSegments"] = {key: summarize(values) for key, values in hop_segments(requests, names).items()}
+    result["hopSegments"] = {
+        key: summarize(values) for key, values in hop_segments(requests, names, created).items()
+    }
     result["writes"] = attribute_writes(requests, names, steady, restart)
     result["reads"] = {
         "wave": reads_summary(requests, wave, jobs),
@@ -1926,7 +1933,8 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
     if len(means) == len(HOP_SEGMENTS) and workers:
         total = sum(means.values())
         server = means["configMapCreate"] + means["pyTorchJobCreate"]
-        waited = ((ours.get("queueWait") or {}).get("first") or {}).get("meanSeconds")
+        queue_wait = ours.get("queueWait") or {}
+        waited = (queue_wait.get("first") or {}).get("meanSeconds")
         said = [
             f"**Where the hop goes** ({jobs} jobs, means from the audit log, which add up): of {_fmt(total)}, "
             f"{_fmt(server)} ({100 * server / total:.0f}%) is the API server creating the ConfigMap and the "
@@ -1943,7 +1951,7 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
             # on top, so this is a lower bound on how busy the workers are).
             per_write = (server + means["betweenWrites"]) / 2
             busy = submitted * writes * per_write / workers
-            other = ((ours.get("queueWait") or {}).get("ordinary") or {}).get("meanSeconds")
+            other = (queue_wait.get("ordinary") or {}).get("meanSeconds")
             said.append(
                 f"**The workers are busy writing.** Every job costs {writes:.1f} writes "
                 f"within the burst (ConfigMap, PyTorchJob, Pending status). One write holds a worker about "

@@ -169,14 +169,15 @@ def test_our_hop_is_cut_at_the_operators_two_creates_into_segments_that_add_up_t
         request(1.0, "create", "finetunejobs", "b", user=BENCH_USER, code=201, done=1.1),
         request(1.5, "create", "configmaps", "b-spec", code=201, done=1.7),  # b's PyTorchJob never came
     ]
-    segments = hop_segments(requests, ["a", "b"])
+    created = created_in_audit(requests, ["a", "b"])
+    segments = hop_segments(requests, ["a", "b"], created)
     assert segments == {
         "toFirstWrite": pytest.approx([0.1]),
         "configMapCreate": pytest.approx([0.1]),
         "betweenWrites": pytest.approx([0.05]),
         "pyTorchJobCreate": pytest.approx([0.25]),
     }
-    hop = created_in_audit(requests, ["a", "b"]).intervals("ftj_created", "ptj_created", ["a"])
+    hop = created.intervals("ftj_created", "ptj_created", ["a"])
     assert sum(values[0] for values in segments.values()) == pytest.approx(hop[0])
 
 
