@@ -10,7 +10,9 @@ API server's audit log on), two phases run from an empty etcd:
   latency from the FineTuneJob created to its PyTorchJob created (**our hop**) and to status Running; the peer
   hop again under the same load; the operator's RSS and CPU seconds; its API writes per job from the audit
   log (on create, on the Pending -> Running change, on a timer resync and on a restart); and the time a
-  restarted operator takes to pick up every job, against a raw list of the same objects.
+  restarted operator takes to pick up every job (the best of three restarts), against a raw list of the same
+  objects (the best of three). While the FineTuneJobs are submitted, a watch in an idle process of its own
+  (`bench.watch_probe`) tells the API server's delivery of their events from the operator's own delay.
 
 Timing is fair to all three hops: each is timed from the API server's audit log, from the moment the
 create of one object completed to the moment the create of the next completed (the audit's stageTimestamp,
@@ -103,6 +105,7 @@ BENCH_USER = "kubernetes-admin"  # hack/cluster's admin certificate, which this 
 PTJ_JOB_LABEL = "training.kubeflow.org/job-name"  # the training operator's label on the pods it makes
 
 SUBMIT_WORKERS = 16
+RESTARTS = 3  # the best of them is set against the best of as many raw lists
 PROFILE_JOBS = 300  # enough to show the per-job costs; the profile does not need the largest N
 BENCH_NODES = 5
 PODS_PER_NODE = 250
@@ -591,6 +594,29 @@ def wait_for_count(arrivals: Arrivals, moment: str, count: int, deadline: float)
     return True
 
 
+class WatchProbe:
+    """`bench.watch_probe` in its own process: when each FineTuneJob's ADDED event reached an idle watcher."""
+
+    def __init__(self, kubeconfig: Path, output: Path) -> None:
+        self.output = output
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "bench.watch_probe", str(kubeconfig), NAMESPACE, str(output)],
+            cwd=REPO_DIR,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.popen.stdout is not None
+        if self.popen.stdout.readline().strip() != "ready":
+            self.popen.kill()
+            raise RuntimeError(f"the watch probe did not start (exit code {self.popen.wait()})")
+
+    def stop(self) -> dict[str, float]:
+        """Wall-clock arrival of each job's ADDED event."""
+        self.popen.terminate()
+        self.popen.wait(timeout=30)
+        return dict(json.loads(self.output.read_text())["seen"])
+
+
 # ------------------------------------------------------------------------------------------ the operator
 
 
@@ -734,6 +760,19 @@ class OperatorProcess:
             self.popen.kill()
             self.popen.wait()
         self.popen = None
+
+
+def cpu_seconds_by_process(cluster: BenchCluster, operator: OperatorProcess) -> dict[str, float]:
+    """CPU seconds used so far by each process of the control plane (as hack/cluster recorded them), the
+    operator and this benchmark: where a machine's cores went over a span is the difference of two reads."""
+    pids = {path.stem: int(path.read_text()) for path in sorted((cluster.root / "run").glob("*.pid"))}
+    pids |= {"kubetune operator": operator.process.pid if operator.process else -1, "benchmark": os.getpid()}
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error, ValueError):
+            times = psutil.Process(pid).cpu_times()
+            used[name] = times.user + times.system
+    return used
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -1083,6 +1122,7 @@ def run_operator(
     """N FineTuneJobs through `kubetune operator`: latency, resources, API writes, a resync and a restart."""
     cluster.up()
     operators: list[OperatorProcess] = []
+    probes: list[WatchProbe] = []
     try:
         api = cluster.api_client(pool=SUBMIT_WORKERS * 2)
         cluster.prepare(with_crd=True)
@@ -1096,17 +1136,21 @@ def run_operator(
 
         arrivals = Arrivals()
         watches = Watches(cluster.api_client(), arrivals, finetunejobs=True)
+        probe = WatchProbe(cluster.kubeconfig, cluster.logs / "watch-probe.json")
+        probes.append(probe)
         custom = client.CustomObjectsApi(api)
         names = [job_name(i) for i in range(jobs)]
         bodies = {name: finetunejob(name, metrics_port) for name in names}
         log(f"operator: creating {jobs} FineTuneJobs")
         wave_start_wall, cpu_before = time.time(), operator.cpu_seconds()
+        cores_before = cpu_seconds_by_process(cluster, operator)
         submission = submit_all(
             names,
             lambda name: custom.create_namespaced_custom_object(
                 GROUP, VERSION, NAMESPACE, PLURAL, bodies[name], _preload_content=False
             ),
         )
+        cores_after = cpu_seconds_by_process(cluster, operator)
         deadline = time.monotonic() + timeout
         for moment in ("ftj_created", "ptj_created", "pod_created", "ftj_running"):
             wait_for_count(arrivals, moment, jobs, deadline)
@@ -1116,6 +1160,7 @@ def run_operator(
         wave_peak = operator.peak_rss_mib
         queue_wait = operator.queue_wait()
         watches.stop()
+        probe_seen = probe.stop()
         # A FineTuneJob exists once its create call returned, even if the watch event came later.
         for name, at in submission.finished.items():
             arrivals.mark_earliest("ftj_created", name, at)
@@ -1148,6 +1193,12 @@ def run_operator(
             ),
             "watchRestarts": watches.restarts,
             "queueWait": queue_wait,
+            # Cores each process kept busy while the FineTuneJobs were submitted, when the hops are made.
+            "submitCores": {
+                name: round((cores_after[name] - cores_before[name]) / submission.seconds, 2)
+                for name in sorted(cores_after, key=lambda n: cores_before.get(n, 0.0) - cores_after[n])
+                if name in cores_before
+            },
         }
         wave = Window(wave_start_wall, time.time())
 
@@ -1162,26 +1213,38 @@ def run_operator(
             result["steadyCpuSeconds"] = round(operator.cpu_seconds() - cpu_before, 3)
         operator.stop()
 
-        log("operator: restart")
-        restarted = OperatorProcess(
-            kubeconfig, cluster.logs / "operator-2.log", free_port(), progress_interval
-        )
-        operators.append(restarted)
-        restart_start = time.time()
-        restarted.start(profile_to=profile_dir / "restart.txt" if profile_dir else None)
-        settled = _wait_settled(restarted, jobs, timeout)
-        restart = Window(restart_start, time.time())
+        restarts: list[dict[str, Any]] = []
+        windows: list[Window] = []
+        for attempt in range(1 if profile_dir else RESTARTS):
+            log(f"operator: restart {attempt + 1}")
+            restarted = OperatorProcess(
+                kubeconfig, cluster.logs / f"operator-{attempt + 2}.log", free_port(), progress_interval
+            )
+            operators.append(restarted)
+            began = time.time()
+            restarted.start(profile_to=profile_dir / "restart.txt" if profile_dir else None)
+            settled = _wait_settled(restarted, jobs, timeout)
+            windows.append(Window(began, time.time()))
+            restarts.append(
+                {
+                    "settleSeconds": round(settled, 3) if settled is not None else None,
+                    "cpuSeconds": round(restarted.cpu_seconds(), 3),
+                    "peakRssMiB": round(restarted.peak_rss_mib, 1),
+                }
+            )
+            restarted.stop()
         raw_list = _raw_list_seconds(api)
-        result["restart"] = {
-            "settleSeconds": round(settled, 3) if settled is not None else None,
+        # The best restart against the best raw list: each is the machine's best case.
+        best = min(restarts, key=_settled_or_never)
+        result["restart"] = best | {
+            "each": restarts,
             "rawListSeconds": round(raw_list, 4),
             "kubectlListSeconds": round(_kubectl_list_seconds(cluster), 4),
             "freshProcessListSeconds": round(_fresh_process_list_seconds(cluster), 4),
-            "ratioToRawList": round(settled / raw_list, 1) if settled is not None else None,
-            "cpuSeconds": round(restarted.cpu_seconds(), 3),
-            "peakRssMiB": round(restarted.peak_rss_mib, 1),
+            "ratioToRawList": (
+                round(best["settleSeconds"] / raw_list, 1) if best["settleSeconds"] is not None else None
+            ),
         }
-        restarted.stop()
         result["process"] = {
             "peakRssMiB": round(max(wave_peak, operator.peak_rss_mib), 1),
             "waveCpuSeconds": round(wave_cpu, 3),
@@ -1190,6 +1253,8 @@ def run_operator(
     finally:
         for process in operators:
             process.stop()
+        for probe in probes:
+            probe.popen.kill()  # gone already unless the wave failed
         cluster.down()
 
     result["slowWatchersClosed"] = slow_watchers_closed(cluster.logs / "kube-apiserver.log")
@@ -1199,18 +1264,27 @@ def run_operator(
         "createToPyTorchJob": summarize(created.intervals("ftj_created", "ptj_created", names)),
         "pyTorchJobToPod": summarize(created.intervals("ptj_created", "pod_created", names)),
     }
+    job_created = created.times["ftj_created"]
+    result["latency"]["toIdleWatcher"] = summarize(
+        [at - job_created[name] for name, at in probe_seen.items() if name in job_created]
+    )
     result["hopSegments"] = {
         key: summarize(values) for key, values in hop_segments(requests, names, created).items()
     }
-    result["writes"] = attribute_writes(requests, names, steady, restart)
+    result["writes"] = attribute_writes(requests, names, steady, Window(windows[0].start, windows[-1].end))
     result["reads"] = {
         "wave": reads_summary(requests, wave, jobs),
-        "restart": reads_summary(requests, restart, jobs),
+        "restart": reads_summary(requests, windows[0], jobs),
     }
-    first_request = min((r.at for r in requests if r.user == OPERATOR_USER and r.at in restart), default=None)
-    if first_request is not None and result["restart"]["settleSeconds"] is not None:
-        after = result["restart"]["settleSeconds"] - (first_request - restart.start)
-        result["restart"]["settleAfterFirstRequestSeconds"] = round(after, 3)
+    for restart, window in zip(result["restart"]["each"], windows, strict=True):
+        first_request = min(
+            (r.at for r in requests if r.user == OPERATOR_USER and r.at in window), default=None
+        )
+        if first_request is not None and restart["settleSeconds"] is not None:
+            after = restart["settleSeconds"] - (first_request - window.start)
+            restart["settleAfterFirstRequestSeconds"] = round(after, 3)
+    best = min(result["restart"]["each"], key=_settled_or_never)
+    result["restart"]["settleAfterFirstRequestSeconds"] = best.get("settleAfterFirstRequestSeconds")
     result["peerWrites"] = peer_writes(requests, names, wave)
     return result
 
@@ -1227,6 +1301,11 @@ def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
             if "watcher close due to unresponsiveness" in line and 'key: "' in line:
                 closed[line.split('key: "', 1)[1].split('"', 1)[0]] += 1
     return dict(closed)
+
+
+def _settled_or_never(restart: Mapping[str, Any]) -> float:
+    settled = restart["settleSeconds"]
+    return math.inf if settled is None else float(settled)
 
 
 def _wait_settled(operator: OperatorProcess, jobs: int, timeout: float) -> float | None:
@@ -1562,6 +1641,7 @@ def latency_table(results: dict[str, Any]) -> str:
         for label, stats in (
             ("**our hop**: FineTuneJob created → PyTorchJob created", ours["createToPyTorchJob"]),
             ("our hop as the benchmark's watches saw it", watched.get("createToPyTorchJob")),
+            ("FineTuneJob created → its watch event at an idle watcher", ours.get("toIdleWatcher")),
             ("FineTuneJob created → status Running (watches)", ours["createToRunning"]),
             ("peer hop: PyTorchJob created → pod created (our run)", ours["pyTorchJobToPod"]),
             ("floor: PyTorchJob submitted → created", floor["submitToPyTorchJob"]),
@@ -1634,6 +1714,14 @@ def watch_note(results: dict[str, Any]) -> str:
         "restart arrive late. The hops come from the audit log and are not affected; the times to Running "
         "are (a create counts from when its create call returned if its event came later).\n"
     )
+
+
+def _each_restart(restart: Mapping[str, Any]) -> str:
+    """`, the best of 3 restarts (3.1 s, 2.9 s, 3.4 s),` where the results hold more than one."""
+    each = restart.get("each") or []
+    if len(each) < 2:
+        return ""
+    return f", the best of {len(each)} restarts ({', '.join(_fmt(r['settleSeconds']) for r in each)}),"
 
 
 def resources_table(results: dict[str, Any]) -> str:
@@ -1861,7 +1949,9 @@ def findings(results: dict[str, Any]) -> list[str]:
     if restart["settleSeconds"] is not None:
         said.append(
             f"**Restart** ({jobs} jobs). {_fmt(restart['settleSeconds'])} from the process start "
-            f"({_fmt(restart.get('settleAfterFirstRequestSeconds'))} from its first request) against "
+            f"({_fmt(restart.get('settleAfterFirstRequestSeconds'))} from its first request)"
+            + _each_restart(restart)
+            + " against "
             f"{_fmt(restart['rawListSeconds'])} for a raw list in a running process (the target's measure), "
             + (
                 f"{_fmt(restart['freshProcessListSeconds'])} for the same list in a new Python process from its "
@@ -1871,7 +1961,8 @@ def findings(results: dict[str, Any]) -> list[str]:
             )
             + f"and {_fmt(restart.get('kubectlListSeconds'))} for `kubectl get` of the same objects. Besides its lists, "
             f"the restarted operator reconciled every job: {writes['restart']['perJob']} writes per job "
-            f"({writes['restart']['refusedPerJob']} refused), {ours['reads']['restart']['perJob']:.1f} reads per job"
+            + (f"over the {len(restart['each'])} restarts " if len(restart.get("each") or []) > 1 else "")
+            + f"({writes['restart']['refusedPerJob']} refused), {ours['reads']['restart']['perJob']:.1f} reads per job"
             + (
                 ": "
                 + ", ".join(f"`{k}` {v}" for k, v in list(ours["reads"]["restart"]["byKind"].items())[:3])
@@ -1905,17 +1996,27 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> str:
-    """Splits the time before the operator's first write by its own queue-wait histogram."""
+    """Splits the time before the operator's first write by its own queue-wait histogram and, when the results
+    hold it, by when an idle watcher received the same events."""
     closed = (ours.get("slowWatchersClosed") or {}).get(f"/{GROUP}/{PLURAL}/", 0)
-    return (
-        f" Of that, new jobs waited {_fmt(waited)} for a worker on average (the operator's own histogram); the "
-        f"rest, about {_fmt(max(0.0, before - waited))}, is the FineTuneJob's watch event reaching the operator "
-        "and the rendering"
-        + (
-            f" (the API server closed the operator's FineTuneJob watch {closed} time(s) for falling behind)."
-            if closed
-            else "."
+    idle = ours["latency"].get("toIdleWatcher") or {}
+    said = f" Of that, new jobs waited {_fmt(waited)} for a worker on average (the operator's own histogram)"
+    if idle.get("mean") is not None:
+        said += (
+            f"; a watcher in an idle process of its own received the FineTuneJobs {_fmt(idle['mean'])} after "
+            f"they were created on average (p99 {_fmt(idle['p99'])}): the API server's own delivery under this "
+            f"load. The rest, about {_fmt(max(0.0, before - waited - idle['mean']))}, is the operator receiving "
+            "the event later than that, and rendering"
         )
+    else:
+        said += (
+            f"; the rest, about {_fmt(max(0.0, before - waited))}, is the FineTuneJob's watch event reaching "
+            "the operator and the rendering"
+        )
+    return said + (
+        f" (the API server closed the operator's FineTuneJob watch {closed} time(s) for falling behind)."
+        if closed
+        else "."
     )
 
 
@@ -1966,6 +2067,14 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
                 )
                 + " More workers do not help: the API server slows with the writes in flight (64 workers were "
                 "slower than 32)."
+            )
+        if cores := ours.get("submitCores"):
+            machine = results["machine"].get("cores")
+            said.append(
+                f"**The machine's cores while the jobs were submitted** ({_fmt(ours['submitSeconds'])}): "
+                + ", ".join(f"{name} {used:.2f}" for name, used in cores.items())
+                + f"; {sum(cores.values()):.2f} in all"
+                + (f" of the {machine} there are." if machine else ".")
             )
         if calls and calls["p50"] and floor_calls:
             said.append(
@@ -2042,7 +2151,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             "kubernetes client (JSON parsed). The restart settles when the operator has received the initial lists "
             "of FineTuneJobs, PyTorchJobs and pods, reconciled every job and has nothing queued (its own metrics); "
             "it counts from the "
-            "process start, and again from the operator's first API request (after Python imports).\n",
+            "process start, and again from the operator's first API request (after Python imports). Where the "
+            "results hold several restarts, one after another, the table shows the best, as it does the raw "
+            "list's.\n",
             "### Profile\n",
             profile_section(results),
             images + "\n" if images else "",

@@ -290,7 +290,31 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     finding = next(line for line in build_report(tmp_path).splitlines() if "**Where the hop goes**" in line)
     assert "new jobs waited 0.75 s for a worker on average" in finding
     assert "the rest, about 0.25 s, is the FineTuneJob's watch event reaching the operator" in finding
+    largest["operator"]["latency"]["toIdleWatcher"] = summarize([0.1] * 3 + [0.3])
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    page_with_probe = build_report(tmp_path)
+    finding = next(line for line in page_with_probe.splitlines() if "**Where the hop goes**" in line)
+    assert "received the FineTuneJobs 0.15 s after they were created on average" in finding
+    assert "The rest, about 0.1 s, is the operator receiving the event later than that" in finding
+    assert "| FineTuneJob created → its watch event at an idle watcher | 0.1 s |" in page_with_probe
+    largest["operator"]["submitCores"] = {"kube-apiserver": 1.1, "etcd": 0.5, "kubetune operator": 0.3}
+    results["machine"]["cores"] = 2
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    cores = next(line for line in build_report(tmp_path).splitlines() if "**The machine's cores" in line)
+    assert "kube-apiserver 1.10, etcd 0.50, kubetune operator 0.30; 1.90 in all of the 2 there are." in cores
     busy = next(line for line in page.splitlines() if "**The workers are busy writing" in line)
     # 10 jobs/s x 3 writes x 0.5 s per write (the two creates and the gap, 1 s, halved) over 10 workers
     assert "holds a worker about 0.5 s" in busy and "at least 150% busy" in busy
     assert "| the API server creates the ConfigMap | 0.5 s | 0.5 s | 0.5 s | 25% |" in page
+
+
+def test_the_restart_is_the_best_of_several_as_the_raw_list_is(tmp_path: Path) -> None:
+    results = json.loads(FIXTURE.read_text())
+    restart = results["scales"][-1]["operator"]["restart"]
+    restart["each"] = [{"settleSeconds": s, "cpuSeconds": 1.0, "peakRssMiB": 150.0} for s in (3.5, 2.5, 3.0)]
+    restart["settleSeconds"] = 2.5
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    said = next(line for line in build_report(tmp_path).splitlines() if "**Restart**" in line)
+    assert "2.5 s from the process start" in said
+    assert "the best of 3 restarts (3.5 s, 2.5 s, 3 s)" in said
+    assert "writes per job over the 3 restarts" in said
