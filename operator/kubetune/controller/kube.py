@@ -7,7 +7,6 @@ on exactly one ConfigMap and one PyTorchJob per FineTuneJob.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
+import orjson
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.client.rest import RESTResponse
@@ -235,7 +235,7 @@ class Kube:
         """
         response = api_request(self.api_client, method, CORE_PREFIX + path, body=body, names=names)
         data = response.read()  # type: ignore[no-untyped-call]
-        return cast(Manifest, json.loads(data)) if data else {}
+        return cast(Manifest, orjson.loads(data)) if data else {}
 
     # ------------------------------------------------------------------------------------------- reads
 

@@ -12,12 +12,14 @@ operator has none: it reconciles from its own store (store.py) in its own worker
 profiles at a thousand jobs, that machinery and its event loop were 48% of the CPU of a restart and 46% of
 the create wave's. Nor `kubernetes.watch.Watch`: for objects read as plain JSON it follows neither their
 resourceVersions nor bookmarks, so every reconnect would replay the collection from the list's version.
+
+Decoded with orjson, not the standard library: decoding the initial lists is a fifth of a restart's CPU,
+and orjson takes two thirds of the time for them (14.6 MB of lists at a thousand jobs: 0.21 s against 0.33 s).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import socket
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -187,7 +190,7 @@ class Reflector:
         items: list[Manifest] = []
         query = {"limit": str(PAGE_SIZE)} | self._selector()
         while True:
-            page = json.loads(self._get(query).read())  # type: ignore[no-untyped-call]
+            page = orjson.loads(self._get(query).read())  # type: ignore[no-untyped-call]
             metadata = page.get("metadata") or {}
             # Items of a list carry no apiVersion and kind of their own in every API; the readers want them.
             for item in page.get("items") or []:
@@ -228,7 +231,7 @@ class Reflector:
                     break
                 if not line:
                     continue
-                event = json.loads(line)
+                event = orjson.loads(line)
                 event_type, obj = event.get("type"), event.get("object") or {}
                 if event_type == "ERROR":
                     if obj.get("code") == GONE:
