@@ -2148,7 +2148,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "### Memory, CPU and restart\n",
             resources_table(results),
             "The raw list is the best of three lists of all FineTuneJobs, our PyTorchJobs and our pods by the "
-            "kubernetes client (JSON parsed). The restart settles when the operator has received the initial lists "
+            "kubernetes client, parsed with the standard library's json as the client parses it (the operator "
+            "parses with orjson). The restart settles when the operator has received the initial lists "
             "of FineTuneJobs, PyTorchJobs and pods, reconciled every job and has nothing queued (its own metrics); "
             "it counts from the "
             "process start, and again from the operator's first API request (after Python imports). Where the "
