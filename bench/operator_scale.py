@@ -97,6 +97,9 @@ PY_SPY = REPO_DIR / ".venv" / "bin" / "py-spy"
 CRD = REPO_DIR / "crds" / "kubetune.io_finetunejobs.yaml"
 
 NAMESPACE = "bench"
+BENCH_LABEL_KEY, BENCH_LABEL_VALUE = "kubetune.io/bench", "operator-scale"
+BENCH_LABEL = f"{BENCH_LABEL_KEY}={BENCH_LABEL_VALUE}"
+"""On every FineTuneJob of the benchmark; the idle watcher selects by it, which tells its watch apart."""
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
@@ -207,7 +210,7 @@ def finetunejob(name: str, metrics_port: int) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"kubetune.io/bench": "operator-scale"}},
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {BENCH_LABEL_KEY: BENCH_LABEL_VALUE}},
         "spec": {
             "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
             "dataset": {"source": "s3://bench/support.jsonl", "format": "alpaca"},
@@ -600,7 +603,7 @@ class WatchProbe:
     def __init__(self, kubeconfig: Path, output: Path) -> None:
         self.output = output
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "bench.watch_probe", str(kubeconfig), NAMESPACE, str(output)],
+            [sys.executable, "-m", "bench.watch_probe", str(kubeconfig), NAMESPACE, BENCH_LABEL, str(output)],
             cwd=REPO_DIR,
             stdout=subprocess.PIPE,
             text=True,
@@ -1258,6 +1261,7 @@ def run_operator(
         cluster.down()
 
     result["slowWatchersClosed"] = slow_watchers_closed(cluster.logs / "kube-apiserver.log")
+    result["watchCacheBacklog"] = watch_cache_backlog(cluster.logs / "kube-apiserver.log")
     requests = read_audit(cluster.audit_log, (OPERATOR_USER, PEER_USER, BENCH_USER))
     created = created_in_audit(requests, names)
     result["latency"] |= {
@@ -1290,17 +1294,34 @@ def run_operator(
 
 
 def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
-    """Watches the API server closed because their client fell behind, by watched prefix.
+    """Watches the API server closed because their client fell behind, by watched prefix and label selector.
 
-    The benchmark watches the namespace (`/<resource>/bench/`), the operator and the training operator the
-    whole cluster (`/<resource>/`).
+    The benchmark watches the namespace (`/<resource>/bench/`), the idle watcher the namespace by the
+    benchmark's label (`/<resource>/bench/ [kubetune.io/bench=operator-scale]`), the operator and the
+    training operator the whole cluster (`/<resource>/`).
     """
     closed: collections.Counter[str] = collections.Counter()
     if apiserver_log.exists():
         for line in apiserver_log.read_text(errors="replace").splitlines():
             if "watcher close due to unresponsiveness" in line and 'key: "' in line:
-                closed[line.split('key: "', 1)[1].split('"', 1)[0]] += 1
+                key = line.split('key: "', 1)[1].split('"', 1)[0]
+                labels = line.split('labels: "', 1)[1].split('"', 1)[0] if 'labels: "' in line else ""
+                closed[f"{key} [{labels}]" if labels else key] += 1
     return dict(closed)
+
+
+def watch_cache_backlog(apiserver_log: Path) -> dict[str, int]:
+    """The most events each of the API server's watch caches held queued, received from etcd and not yet
+    dispatched to any watcher (it logs each new high: `cacher (pods): 12 objects queued in incoming channel.`).
+    Events queued there reach every watcher late, however fast it reads."""
+    most: dict[str, int] = {}
+    if apiserver_log.exists():
+        for line in apiserver_log.read_text(errors="replace").splitlines():
+            if "objects queued in incoming channel" in line and "cacher (" in line:
+                resource, rest = line.split("cacher (", 1)[1].split("): ", 1)
+                with contextlib.suppress(ValueError):
+                    most[resource] = max(most.get(resource, 0), int(rest.split(" ", 1)[0]))
+    return dict(sorted(most.items(), key=lambda item: -item[1]))
 
 
 def _settled_or_never(restart: Mapping[str, Any]) -> float:
@@ -1701,8 +1722,8 @@ def watch_note(results: dict[str, Any]) -> str:
             where = ", ".join(f"`{key}` {count}" for key, count in closed.items()) or "none"
             notes.append(
                 f"at {scale['jobs']} jobs the API server closed watchers that fell behind ({where}; a key with "
-                f"`/bench/` is the benchmark's, the others cluster-wide watchers of the operator or the "
-                f"training operator)"
+                f"`/bench/` is the benchmark's, with `[{BENCH_LABEL}]` the idle watcher's, the others "
+                "cluster-wide watchers of the operator or the training operator)"
                 + (f", and the benchmark's watches had to be restarted {restarts} times" if restarts else "")
             )
     if not notes:
@@ -1998,14 +2019,21 @@ def findings(results: dict[str, Any]) -> list[str]:
 def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> str:
     """Splits the time before the operator's first write by its own queue-wait histogram and, when the results
     hold it, by when an idle watcher received the same events."""
-    closed = (ours.get("slowWatchersClosed") or {}).get(f"/{GROUP}/{PLURAL}/", 0)
+    closed = ours.get("slowWatchersClosed") or {}
     idle = ours["latency"].get("toIdleWatcher") or {}
     said = f" Of that, new jobs waited {_fmt(waited)} for a worker on average (the operator's own histogram)"
     if idle.get("mean") is not None:
         said += (
             f"; a watcher in an idle process of its own received the FineTuneJobs {_fmt(idle['mean'])} after "
             f"they were created on average (p99 {_fmt(idle['p99'])}): the API server's own delivery under this "
-            f"load. The rest, about {_fmt(max(0.0, before - waited - idle['mean']))}, is the operator receiving "
+            "load"
+            + (
+                f" (its FineTuneJob watch cache held up to {backlog} events received from etcd and not yet "
+                "dispatched to any watcher, by its log)"
+                if (backlog := (ours.get("watchCacheBacklog") or {}).get(f"{PLURAL}.{GROUP}"))
+                else ""
+            )
+            + f". The rest, about {_fmt(max(0.0, before - waited - idle['mean']))}, is the operator receiving "
             "the event later than that, and rendering"
         )
     else:
@@ -2013,10 +2041,16 @@ def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> s
             f"; the rest, about {_fmt(max(0.0, before - waited))}, is the FineTuneJob's watch event reaching "
             "the operator and the rendering"
         )
+    closures = [
+        f"{whose} {count} time(s)"
+        for whose, key in (
+            ("the operator's FineTuneJob watch", f"/{GROUP}/{PLURAL}/"),
+            ("the idle watcher's", f"/{GROUP}/{PLURAL}/{NAMESPACE}/ [{BENCH_LABEL}]"),
+        )
+        if (count := closed.get(key))
+    ]
     return said + (
-        f" (the API server closed the operator's FineTuneJob watch {closed} time(s) for falling behind)."
-        if closed
-        else "."
+        f" (the API server closed {' and '.join(closures)} for falling behind)." if closures else "."
     )
 
 

@@ -1,10 +1,11 @@
 """A FineTuneJob watch in a process that does nothing else: when each job's creation reached an idle client.
 
 `bench.operator_scale` runs it beside the operator during a create wave, as
-`python -m bench.watch_probe KUBECONFIG NAMESPACE OUTPUT`. It follows the namespace with the operator's own
-Reflector, so the two receive the same events through the same code; set against the API server's audit
-log, the probe's arrival times say how late the API server delivers a watch event under that load, and the
-rest of the operator's wait before its first write is its own. It prints `ready` once its watch can no longer
+`python -m bench.watch_probe KUBECONFIG NAMESPACE SELECTOR OUTPUT`. It follows the namespace's FineTuneJobs
+that match SELECTOR with the operator's own Reflector, so the two receive the same events through the same
+code; the selector tells its watch from the benchmark's in the API server's log. Set against the audit log,
+its arrival times say how late the API server delivers a watch event under that load, and the rest of the
+operator's wait before its first write is the operator's own. It prints `ready` once its watch can no longer
 miss a create, and on SIGTERM writes {"seen": {job: wall-clock seconds of its ADDED event}}.
 """
 
@@ -25,7 +26,7 @@ from kubetune.api.v1alpha1 import GROUP, KIND, PLURAL, VERSION
 from kubetune.controller.watches import Collection, Reflector
 
 
-def main(kubeconfig: str, namespace: str, output: Path) -> None:
+def main(kubeconfig: str, namespace: str, selector: str, output: Path) -> None:
     seen: dict[str, float] = {}
     stopping = threading.Event()
 
@@ -38,7 +39,7 @@ def main(kubeconfig: str, namespace: str, output: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     api = config.new_client_from_config(kubeconfig)  # type: ignore[no-untyped-call]
-    reflector = Reflector(api, Collection(KIND, f"{GROUP}/{VERSION}", PLURAL, namespace), added)
+    reflector = Reflector(api, Collection(KIND, f"{GROUP}/{VERSION}", PLURAL, namespace, selector), added)
     reflector.start()
     reflector.synced.wait()  # the watch goes on from the list's version: no later create is missed
     print("ready", flush=True)
@@ -48,4 +49,4 @@ def main(kubeconfig: str, namespace: str, output: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))

@@ -22,7 +22,9 @@ from bench.operator_scale import (
     owning_job,
     patched_fields,
     peer_writes,
+    slow_watchers_closed,
     summarize_profile,
+    watch_cache_backlog,
 )
 from bench.report import anchor, build_report
 
@@ -296,6 +298,22 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     finding = next(line for line in page_with_probe.splitlines() if "**Where the hop goes**" in line)
     assert "received the FineTuneJobs 0.15 s after they were created on average" in finding
     assert "The rest, about 0.1 s, is the operator receiving the event later than that" in finding
+    largest["operator"]["watchCacheBacklog"] = {"finetunejobs.kubetune.io": 28, "pods": 6}
+    largest["operator"]["slowWatchersClosed"] = {
+        "/kubetune.io/finetunejobs/": 2,
+        "/kubetune.io/finetunejobs/bench/ [kubetune.io/bench=operator-scale]": 1,
+        "/kubetune.io/finetunejobs/bench/": 29,
+    }
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    finding = next(line for line in build_report(tmp_path).splitlines() if "**Where the hop goes**" in line)
+    assert (
+        "(the API server closed the operator's FineTuneJob watch 2 time(s) and the idle watcher's 1 time(s) "
+        "for falling behind)." in finding
+    )
+    assert (
+        "its FineTuneJob watch cache held up to 28 events received from etcd and not yet dispatched"
+        in finding
+    )
     assert "| FineTuneJob created → its watch event at an idle watcher | 0.1 s |" in page_with_probe
     largest["operator"]["submitCores"] = {"kube-apiserver": 1.1, "etcd": 0.5, "kubetune operator": 0.3}
     results["machine"]["cores"] = 2
@@ -306,6 +324,27 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     # 10 jobs/s x 3 writes x 0.5 s per write (the two creates and the gap, 1 s, halved) over 10 workers
     assert "holds a worker about 0.5 s" in busy and "at least 150% busy" in busy
     assert "| the API server creates the ConfigMap | 0.5 s | 0.5 s | 0.5 s | 25% |" in page
+
+
+def test_the_api_servers_log_tells_whose_watch_was_closed_and_how_far_its_watch_caches_fell_behind(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "kube-apiserver.log"
+    log.write_text(
+        "I1203 15:29:34.885437 5986 cacher.go:881] cacher (finetunejobs.kubetune.io): 3 objects queued in incoming channel.\n"
+        "I1203 15:29:35.885437 5986 cacher.go:881] cacher (finetunejobs.kubetune.io): 28 objects queued in incoming channel.\n"
+        "I1203 15:29:35.985437 5986 cacher.go:881] cacher (pods): 6 objects queued in incoming channel.\n"
+        "I1203 15:29:36.1 5986 cache_watcher.go:203] Forcing finetunejobs.kubetune.io watcher close due to "
+        'unresponsiveness (reason = unresponsive): key: "/kubetune.io/finetunejobs/bench/", labels: '
+        '"kubetune.io/bench=operator-scale", fields: "". len(c.input) = 10, len(c.result) = 10, graceful = false\n'
+        "I1203 15:29:36.2 5986 cache_watcher.go:203] Forcing finetunejobs.kubetune.io watcher close due to "
+        'unresponsiveness: key: "/kubetune.io/finetunejobs/", labels: "", fields: "". len(c.input) = 10\n'
+    )
+    assert watch_cache_backlog(log) == {"finetunejobs.kubetune.io": 28, "pods": 6}
+    assert slow_watchers_closed(log) == {
+        "/kubetune.io/finetunejobs/bench/ [kubetune.io/bench=operator-scale]": 1,
+        "/kubetune.io/finetunejobs/": 1,
+    }
 
 
 def test_the_restart_is_the_best_of_several_as_the_raw_list_is(tmp_path: Path) -> None:
