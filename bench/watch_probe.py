@@ -25,6 +25,8 @@ from kubernetes import config
 from kubetune.api.v1alpha1 import GROUP, KIND, PLURAL, VERSION
 from kubetune.controller.watches import Collection, Reflector
 
+LIST_TIMEOUT_SECONDS = 60
+
 
 def main(kubeconfig: str, namespace: str, selector: str, output: Path) -> None:
     seen: dict[str, float] = {}
@@ -41,7 +43,9 @@ def main(kubeconfig: str, namespace: str, selector: str, output: Path) -> None:
     api = config.new_client_from_config(kubeconfig)  # type: ignore[no-untyped-call]
     reflector = Reflector(api, Collection(KIND, f"{GROUP}/{VERSION}", PLURAL, namespace, selector), added)
     reflector.start()
-    reflector.synced.wait()  # the watch goes on from the list's version: no later create is missed
+    # The watch goes on from the list's version: no create after this is missed.
+    if not reflector.synced.wait(LIST_TIMEOUT_SECONDS):
+        sys.exit(f"the watch probe could not list FineTuneJobs within {LIST_TIMEOUT_SECONDS} s")
     print("ready", flush=True)
     stopping.wait()
     reflector.stop()
