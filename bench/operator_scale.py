@@ -2016,7 +2016,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     return said
 
 
-def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> str:
+def _before_first_write(ours: dict[str, Any], before: float, waited: float, hop: float) -> str:
     """Splits the time before the operator's first write by its own queue-wait histogram and, when the results
     hold it, by when an idle watcher received the same events."""
     closed = ours.get("slowWatchersClosed") or {}
@@ -2025,8 +2025,8 @@ def _before_first_write(ours: dict[str, Any], before: float, waited: float) -> s
     if idle.get("mean") is not None:
         said += (
             f"; a watcher in an idle process of its own received the FineTuneJobs {_fmt(idle['mean'])} after "
-            f"they were created on average (p99 {_fmt(idle['p99'])}): the API server's own delivery under this "
-            "load"
+            f"they were created on average, {100 * idle['mean'] / hop:.0f}% of the hop (p99 {_fmt(idle['p99'])}): "
+            "the API server's own delivery under this load"
             + (
                 f" (its FineTuneJob watch cache held up to {backlog} events received from etcd and not yet "
                 "dispatched to any watcher, by its log)"
@@ -2077,7 +2077,7 @@ def _hop_findings(results: dict[str, Any]) -> list[str]:
             f"operator's own time between the two, and {_fmt(means['toFirstWrite'])} "
             f"({100 * means['toFirstWrite'] / total:.0f}%) passes before its first write: the watch event "
             "reaching it, the queue and rendering."
-            + (_before_first_write(ours, means["toFirstWrite"], waited) if waited is not None else "")
+            + (_before_first_write(ours, means["toFirstWrite"], waited, total) if waited is not None else "")
         ]
         writes = ours["writes"]["create"]["perJob"]
         if writes:

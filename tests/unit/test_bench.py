@@ -296,7 +296,7 @@ def test_the_report_says_where_the_hop_goes_when_the_results_hold_its_segments(t
     (tmp_path / "operator_scale.json").write_text(json.dumps(results))
     page_with_probe = build_report(tmp_path)
     finding = next(line for line in page_with_probe.splitlines() if "**Where the hop goes**" in line)
-    assert "received the FineTuneJobs 0.15 s after they were created on average" in finding
+    assert "received the FineTuneJobs 0.15 s after they were created on average, 8% of the hop" in finding
     assert "The rest, about 0.1 s, is the operator receiving the event later than that" in finding
     largest["operator"]["watchCacheBacklog"] = {"finetunejobs.kubetune.io": 28, "pods": 6}
     largest["operator"]["slowWatchersClosed"] = {
