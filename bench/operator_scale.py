@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -1260,8 +1260,10 @@ def run_operator(
             probe.popen.kill()  # gone already unless the wave failed
         cluster.down()
 
-    result["slowWatchersClosed"] = slow_watchers_closed(cluster.logs / "kube-apiserver.log")
-    result["watchCacheBacklog"] = watch_cache_backlog(cluster.logs / "kube-apiserver.log")
+    apiserver_log = cluster.logs / "kube-apiserver.log"
+    log_lines = apiserver_log.read_text(errors="replace").splitlines() if apiserver_log.exists() else []
+    result["slowWatchersClosed"] = slow_watchers_closed(log_lines)
+    result["watchCacheBacklog"] = watch_cache_backlog(log_lines)
     requests = read_audit(cluster.audit_log, (OPERATOR_USER, PEER_USER, BENCH_USER))
     created = created_in_audit(requests, names)
     result["latency"] |= {
@@ -1287,13 +1289,13 @@ def run_operator(
         if first_request is not None and restart["settleSeconds"] is not None:
             after = restart["settleSeconds"] - (first_request - window.start)
             restart["settleAfterFirstRequestSeconds"] = round(after, 3)
-    best = min(result["restart"]["each"], key=_settled_or_never)
+    # `best` is one of `each`, whose first request was found just above.
     result["restart"]["settleAfterFirstRequestSeconds"] = best.get("settleAfterFirstRequestSeconds")
     result["peerWrites"] = peer_writes(requests, names, wave)
     return result
 
 
-def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
+def slow_watchers_closed(apiserver_log: Iterable[str]) -> dict[str, int]:
     """Watches the API server closed because their client fell behind, by watched prefix and label selector.
 
     The benchmark watches the namespace (`/<resource>/bench/`), the idle watcher the namespace by the
@@ -1301,26 +1303,24 @@ def slow_watchers_closed(apiserver_log: Path) -> dict[str, int]:
     training operator the whole cluster (`/<resource>/`).
     """
     closed: collections.Counter[str] = collections.Counter()
-    if apiserver_log.exists():
-        for line in apiserver_log.read_text(errors="replace").splitlines():
-            if "watcher close due to unresponsiveness" in line and 'key: "' in line:
-                key = line.split('key: "', 1)[1].split('"', 1)[0]
-                labels = line.split('labels: "', 1)[1].split('"', 1)[0] if 'labels: "' in line else ""
-                closed[f"{key} [{labels}]" if labels else key] += 1
+    for line in apiserver_log:
+        if "watcher close due to unresponsiveness" in line and 'key: "' in line:
+            key = line.split('key: "', 1)[1].split('"', 1)[0]
+            labels = line.split('labels: "', 1)[1].split('"', 1)[0] if 'labels: "' in line else ""
+            closed[f"{key} [{labels}]" if labels else key] += 1
     return dict(closed)
 
 
-def watch_cache_backlog(apiserver_log: Path) -> dict[str, int]:
+def watch_cache_backlog(apiserver_log: Iterable[str]) -> dict[str, int]:
     """The most events each of the API server's watch caches held queued, received from etcd and not yet
     dispatched to any watcher (it logs each new high: `cacher (pods): 12 objects queued in incoming channel.`).
     Events queued there reach every watcher late, however fast it reads."""
     most: dict[str, int] = {}
-    if apiserver_log.exists():
-        for line in apiserver_log.read_text(errors="replace").splitlines():
-            if "objects queued in incoming channel" in line and "cacher (" in line:
-                resource, rest = line.split("cacher (", 1)[1].split("): ", 1)
-                with contextlib.suppress(ValueError):
-                    most[resource] = max(most.get(resource, 0), int(rest.split(" ", 1)[0]))
+    for line in apiserver_log:
+        if "objects queued in incoming channel" in line and "cacher (" in line:
+            resource, rest = line.split("cacher (", 1)[1].split("): ", 1)
+            with contextlib.suppress(ValueError):
+                most[resource] = max(most.get(resource, 0), int(rest.split(" ", 1)[0]))
     return dict(sorted(most.items(), key=lambda item: -item[1]))
 
 

@@ -340,8 +340,9 @@ def test_the_api_servers_log_tells_whose_watch_was_closed_and_how_far_its_watch_
         "I1203 15:29:36.2 5986 cache_watcher.go:203] Forcing finetunejobs.kubetune.io watcher close due to "
         'unresponsiveness: key: "/kubetune.io/finetunejobs/", labels: "", fields: "". len(c.input) = 10\n'
     )
-    assert watch_cache_backlog(log) == {"finetunejobs.kubetune.io": 28, "pods": 6}
-    assert slow_watchers_closed(log) == {
+    lines = log.read_text().splitlines()
+    assert watch_cache_backlog(lines) == {"finetunejobs.kubetune.io": 28, "pods": 6}
+    assert slow_watchers_closed(lines) == {
         "/kubetune.io/finetunejobs/bench/ [kubetune.io/bench=operator-scale]": 1,
         "/kubetune.io/finetunejobs/": 1,
     }
