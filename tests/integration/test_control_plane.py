@@ -293,3 +293,78 @@ def test_the_api_server_refuses_an_invalid_finetunejob_naming_the_field(
     assert field_path in status["message"], (
         f"{field_path} not named in: {status['message']}\n  causes: {causes}"
     )
+
+
+QUICKSTART = REPO_DIR / "examples" / "quickstart.yaml"
+REFUSED_CHANGES = {
+    "spec.training": {"training": {"epochs": 5}},
+    "spec.model": {"model": {"source": "file://elsewhere"}},
+    "spec.method": {"method": None},  # removed, the API server defaults it: a different method all the same
+    "spec.deepspeed": {"deepspeed": {"zeroStage": 2}},  # absent at creation
+    "spec.runPolicy.backoffLimit": {"runPolicy": {"backoffLimit": 7}},
+    "spec.runPolicy.activeDeadlineSeconds": {
+        "runPolicy": {"activeDeadlineSeconds": 60}
+    },  # absent at creation
+}
+
+
+def create_quickstart(cluster: Cluster, crd: dict[str, Any], namespace: str) -> dict[str, Any]:
+    (job,) = finetunejobs_in(QUICKSTART)
+    plural = crd["spec"]["names"]["plural"]
+    group, _, version = job["apiVersion"].partition("/")
+    created: dict[str, Any] = cluster.custom.create_namespaced_custom_object(
+        group, version, namespace, plural, job
+    )
+    return created
+
+
+def patch_spec(
+    cluster: Cluster, crd: dict[str, Any], job: dict[str, Any], spec: dict[str, Any], status: bool = False
+) -> dict[str, Any]:
+    """A merge patch, as `kubectl patch --type merge` sends it."""
+    group, _, version = job["apiVersion"].partition("/")
+    call = (
+        cluster.custom.patch_namespaced_custom_object_status
+        if status
+        else cluster.custom.patch_namespaced_custom_object
+    )
+    patched: dict[str, Any] = call(
+        group,
+        version,
+        job["metadata"]["namespace"],
+        crd["spec"]["names"]["plural"],
+        job["metadata"]["name"],
+        spec,
+        _content_type="application/merge-patch+json",
+    )
+    return patched
+
+
+@pytest.mark.parametrize("field_path", REFUSED_CHANGES)
+def test_the_api_server_refuses_to_change_a_created_job_naming_the_field(
+    cluster: Cluster, kubetune_crd: dict[str, Any], namespace: str, field_path: str
+) -> None:
+    job = create_quickstart(cluster, kubetune_crd, namespace)
+    with pytest.raises(ApiException) as refused:
+        patch_spec(cluster, kubetune_crd, job, {"spec": REFUSED_CHANGES[field_path]})
+    assert refused.value.status == 422, refused.value.body
+    message = json.loads(refused.value.body)["message"]
+    assert f"{field_path}:" in message and "create a new FineTuneJob instead" in message, message
+    group, _, version = job["apiVersion"].partition("/")
+    plural = kubetune_crd["spec"]["names"]["plural"]
+    stored = cluster.custom.get_namespaced_custom_object(
+        group, version, namespace, plural, job["metadata"]["name"]
+    )
+    assert stored["spec"] == job["spec"]
+
+
+def test_a_created_job_can_be_suspended_and_its_status_written(
+    cluster: Cluster, kubetune_crd: dict[str, Any], namespace: str
+) -> None:
+    job = create_quickstart(cluster, kubetune_crd, namespace)
+    suspended = patch_spec(cluster, kubetune_crd, job, {"spec": {"runPolicy": {"suspend": True}}})
+    assert suspended["spec"]["runPolicy"]["suspend"] is True
+    assert suspended["metadata"]["generation"] == job["metadata"]["generation"] + 1
+    written = patch_spec(cluster, kubetune_crd, job, {"status": {"phase": "Suspended"}}, status=True)
+    assert written["status"]["phase"] == "Suspended"
+    assert {**written["spec"], "runPolicy": job["spec"]["runPolicy"]} == job["spec"]

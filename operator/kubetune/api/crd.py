@@ -17,6 +17,7 @@ from kubetune.api import v1alpha1
 JsonSchema = dict[str, Any]
 
 # propertyNames (map key constraints) is JSON Schema the API server refuses in a CRD; the Python side keeps it.
+RULES = "x-kubernetes-validations"
 DROPPED_KEYS = frozenset({"title", "examples", "$defs", "propertyNames"})
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -42,17 +43,26 @@ GENERATED_HEADER = (
 )
 
 
+def _merged(target: JsonSchema, field: JsonSchema) -> JsonSchema:
+    """A field's schema over its type's: the field's keys win, and the rules of both apply."""
+    merged = {**target, **field}
+    rules = [*target.get(RULES, []), *field.get(RULES, [])]
+    if rules:
+        merged[RULES] = rules
+    return merged
+
+
 def _resolve(node: JsonSchema, defs: dict[str, JsonSchema]) -> JsonSchema:
-    """Inline a `$ref` (keeping the referring node's own keys, which win) and drop a nullable anyOf."""
+    """Inline a `$ref` (keeping the referring node's own keys) and drop a nullable anyOf."""
     if "$ref" in node:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
-        node = {**_resolve(target, defs), **{k: v for k, v in node.items() if k != "$ref"}}
+        node = _merged(_resolve(target, defs), {k: v for k, v in node.items() if k != "$ref"})
     if "anyOf" in node:
         variants = [v for v in node["anyOf"] if v.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}
         if len(variants) == 1:
             # An Optional field: absence is how the API server says "unset" (nulls are pruned).
-            return {**_resolve(variants[0], defs), **rest}
+            return _merged(_resolve(variants[0], defs), rest)
         node = {**rest, "anyOf": variants}
     return node
 
