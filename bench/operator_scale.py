@@ -27,8 +27,9 @@ stay Running instead of ending after a second; FineTuneJobs have no field for po
 nodes hold the pods (250 pods and 250 fake GPUs each). The operator's progress reads go to 127.0.0.1 on a port
 held closed (kwok's pod IPs lead nowhere), so every read fails fast, as for a trainer not yet serving.
 
-Run `python -m bench.operator_scale` (100, 500 and 1000 jobs, then a profiled run of 300) or
-`--quick` (20 jobs, no profile).
+Run `python -m bench.operator_scale` (100, 500 and 1000 jobs, then a profiled run of 300: py-spy samples the
+operator, and the API server's own pprof profile shows what its CPU goes to in the create wave) or `--quick`
+(20 jobs, no profile).
 """
 
 from __future__ import annotations
@@ -277,7 +278,12 @@ class BenchCluster:
         policy = self.root / "audit-policy.yaml"
         policy.parent.mkdir(parents=True, exist_ok=True)
         policy.write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
-        env = {**os.environ, "KUBETUNE_CLUSTER_DIR": str(self.root), "KUBETUNE_AUDIT_POLICY": str(policy)}
+        env = {
+            **os.environ,
+            "KUBETUNE_CLUSTER_DIR": str(self.root),
+            "KUBETUNE_AUDIT_POLICY": str(policy),
+            "KUBETUNE_APISERVER_PROFILING": "1",  # the profiled run takes the API server's CPU profile
+        }
         result = subprocess.run(
             [str(HACK_CLUSTER), command], env=env, capture_output=True, text=True, check=False
         )
@@ -618,6 +624,39 @@ class WatchProbe:
         self.popen.terminate()
         self.popen.wait(timeout=30)
         return dict(json.loads(self.output.read_text())["seen"])
+
+
+class ApiServerProfile:
+    """The API server's own CPU profile (Go's pprof) over the next `seconds`, fetched with the admin kubeconfig."""
+
+    def __init__(self, cluster: BenchCluster, seconds: int, output: Path) -> None:
+        self.output, self.seconds = output, seconds
+        self.began = time.time()
+        with output.open("wb") as sink:
+            self.popen = subprocess.Popen(
+                [
+                    str(KUBECTL),
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "get",
+                    "--raw",
+                    f"/debug/pprof/profile?seconds={seconds}",
+                ],
+                stdout=sink,
+                stderr=subprocess.PIPE,
+            )
+
+    def wait(self) -> Window:
+        """The wall-clock window profiled, once the profile is written."""
+        _, error = self.popen.communicate(timeout=self.seconds + 60)
+        if self.popen.returncode != 0:
+            raise RuntimeError(f"the API server's profile failed: {error.decode(errors='replace').strip()}")
+        return Window(self.began, self.began + self.seconds)
+
+
+def apiserver_profile_seconds(jobs: int) -> int:
+    """Long enough to cover the submission of `jobs` FineTuneJobs (about 30 per second here) and the hops."""
+    return max(10, math.ceil(jobs / 25))
 
 
 # ------------------------------------------------------------------------------------------ the operator
@@ -1144,6 +1183,11 @@ def run_operator(
         custom = client.CustomObjectsApi(api)
         names = [job_name(i) for i in range(jobs)]
         bodies = {name: finetunejob(name, metrics_port) for name in names}
+        apiserver_profile = (
+            ApiServerProfile(cluster, apiserver_profile_seconds(jobs), profile_dir / "apiserver-wave.pprof")
+            if profile_dir
+            else None
+        )
         log(f"operator: creating {jobs} FineTuneJobs")
         wave_start_wall, cpu_before = time.time(), operator.cpu_seconds()
         cores_before = cpu_seconds_by_process(cluster, operator)
@@ -1204,6 +1248,7 @@ def run_operator(
             },
         }
         wave = Window(wave_start_wall, time.time())
+        profiled = apiserver_profile.wait() if apiserver_profile else None
 
         if profile_dir is not None:
             # The profiled run measures where the time goes, not the steady state: a restart is enough.
@@ -1292,6 +1337,18 @@ def run_operator(
     # `best` is one of `each`, whose first request was found just above.
     result["restart"]["settleAfterFirstRequestSeconds"] = best.get("settleAfterFirstRequestSeconds")
     result["peerWrites"] = peer_writes(requests, names, wave)
+    if profiled is not None:
+        result["apiServerProfiled"] = {
+            "seconds": round(profiled.end - profiled.start, 1),
+            "operatorStatusPatches": sum(
+                1
+                for r in requests
+                if r.user == OPERATOR_USER
+                and r.verb == "patch"
+                and r.subresource == "status"
+                and r.done in profiled
+            ),
+        }
     return result
 
 
@@ -1446,6 +1503,81 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
         "ourFunctionsInclusive": share(ours),
         "hottestLeaves": share(leaves),
     }
+
+
+APISERVER_CATEGORIES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    # (what, alternatives: each a set of frames that must all be on the stack); the first match counts.
+    (
+        "status PATCHes of FineTuneJobs (only the operator sends them)",
+        (("customresource.(*StatusREST).Update", "patchResource"), ("serveStatus", "PatchResource")),
+    ),
+    (
+        "status PUTs of PyTorchJobs (the training operator)",
+        (("customresource.(*StatusREST).Update",), ("serveStatus", "UpdateResource")),
+    ),
+    ("creates (all clients)", (("registry.(*Store).Create",), ("createHandler",))),
+    (
+        "other updates and patches (pod statuses, ...)",
+        (("registry.(*Store).Update",), ("patchResource",), ("PatchResource",), ("UpdateResource",)),
+    ),
+    ("deletes", (("registry.(*Store).Delete",), ("DeleteResource",))),
+    ("lists and gets", (("ListResource",), ("GetResource",))),
+    ("watch cache: decoding what etcd sends", (("etcd3.(*watchChan)",),)),
+    ("watches: filtering and sending events", (("cacher.",), ("WatchServer",))),
+    ("admission webhooks (the training operator's)", (("webhook",),)),
+    ("request filters (authentication, audit log)", (("withAuthentication",), ("WithAudit",))),
+    ("TLS", (("crypto/tls.",),)),
+    ("Go's garbage collector (background)", (("runtime.gcBgMarkWorker",),)),
+)
+CEL_FRAME = "cel.(*Validator).Validate"
+PPROF_UNITS = {"ns": 1e-9, "us": 1e-6, "\N{MICRO SIGN}s": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
+
+
+def _pprof_seconds(text: str) -> float:
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz\N{MICRO SIGN}")
+    return float(number) * PPROF_UNITS[text[len(number) :]]
+
+
+def apiserver_categories(traces: str) -> dict[str, Any]:
+    """`go tool pprof -traces` of the API server -> its CPU by kind of work (each sample counted once)."""
+    seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+    cel = total = 0.0
+    for block in traces.split("-----------+")[1:]:
+        lines = [line.strip() for line in block.splitlines()[1:] if line.strip()]
+        if not lines or lines[0].startswith("-"):
+            continue
+        value, _, top = lines[0].partition(" ")
+        frames = [top.strip(), *lines[1:]]
+        spent = _pprof_seconds(value)
+        total += spent
+        cel += spent if any(CEL_FRAME in f for f in frames) else 0.0
+        seconds[_apiserver_category(frames)] += spent
+    share = total or 1.0
+    return {
+        "cpuSeconds": round(total, 2),
+        "categories": [
+            [name, round(spent, 2), round(100 * spent / share, 1)]
+            for name, spent in sorted(seconds.items(), key=lambda item: -item[1])
+        ],
+        "celPercent": round(100 * cel / share, 1),
+    }
+
+
+def _apiserver_category(frames: Sequence[str]) -> str:
+    for name, alternatives in APISERVER_CATEGORIES:
+        if any(all(any(n in f for f in frames) for n in needles) for needles in alternatives):
+            return name
+    return "other"
+
+
+def summarize_apiserver_profile(path: Path) -> dict[str, Any]:
+    """The API server's pprof profile, read with Go's own `go tool pprof` (the Go toolchain builds the
+    control plane, so it is here wherever the benchmark runs)."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    traces = subprocess.run(
+        [go, "tool", "pprof", "-traces", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return apiserver_categories(traces)
 
 
 def _entry_point(frame: str) -> bool:
@@ -1883,6 +2015,15 @@ def profile_section(results: dict[str, Any]) -> str:
         parts.append("\nkubetune functions on the stack (inclusive):\n")
         parts.append(markdown_table(["function", "% of samples"], summary["ourFunctionsInclusive"][:8]))
         parts.append("")
+    if apiserver := profile.get("apiServerWave"):
+        parts.append(
+            f"**The API server during the create wave**: its own CPU profile (Go's pprof at 100 Hz, "
+            f"`/debug/pprof/profile`) over the first {apiserver['seconds']:.0f} s of the same run, "
+            f"{apiserver['cpuSeconds']} CPU s. Each sample counts once, under the first row whose frames it "
+            f"holds; CEL validation, within the writes, was {apiserver['celPercent']}%.\n"
+        )
+        parts.append(markdown_table(["where", "CPU s", "%"], apiserver["categories"]))
+        parts.append("")
     return "\n".join(parts)
 
 
@@ -2012,6 +2153,26 @@ def findings(results: dict[str, Any]) -> list[str]:
             + "; on the stack most often: "
             + ", ".join(f"`{name.split(' (')[0]}` {pct}%" for name, pct in ours_top)
             + "."
+        )
+    if apiserver := profile.get("apiServerWave"):
+        said.append(_apiserver_finding(apiserver, profile["jobs"]))
+    return said
+
+
+def _apiserver_finding(apiserver: dict[str, Any], jobs: int) -> str:
+    """What the API server spent its CPU on while the FineTuneJobs were submitted, and the status patches' part."""
+    shares = {name: (spent, pct) for name, spent, pct in apiserver["categories"]}
+    top = ", ".join(f"{name} {pct}%" for name, _, pct in apiserver["categories"][:4])
+    said = (
+        f"**The API server's CPU** in the create wave ({jobs} jobs, its own pprof profile over "
+        f"{apiserver['seconds']:.0f} s, {apiserver['cpuSeconds'] / apiserver['seconds']:.2f} cores): {top}."
+    )
+    status = shares.get(APISERVER_CATEGORIES[0][0])
+    if status and apiserver.get("operatorStatusPatches"):
+        each = 1000 * status[0] / apiserver["operatorStatusPatches"]
+        said += (
+            f" The operator's {apiserver['operatorStatusPatches']} status patches in that window cost it "
+            f"{each:.1f} ms of CPU each; CEL validation was {apiserver['celPercent']}% of all its CPU."
         )
     return said
 
@@ -2248,7 +2409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = profile_jobs
             log(f"--- profiled run, {jobs} jobs")
             with tempfile.TemporaryDirectory() as folder:
-                run_operator(
+                profiled = run_operator(
                     cluster, jobs, metrics_port, phase_timeout(jobs), interval, profile_dir=Path(folder)
                 )
                 profile_result = {"jobs": jobs}
@@ -2257,6 +2418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if found.exists():
                         profile_result[phase] = summarize_profile(found)
                         shutil.copy(found, cluster.logs / f"profile-{phase}.txt")
+                apiserver = Path(folder) / "apiserver-wave.pprof"
+                profile_result["apiServerWave"] = (
+                    summarize_apiserver_profile(apiserver) | profiled["apiServerProfiled"]
+                )
+                shutil.copy(apiserver, cluster.logs / "profile-apiserver-wave.pprof")
     results: dict[str, Any] = {
         "benchmark": NAME,
         "machine": finish_machine(machine),

@@ -16,6 +16,7 @@ from bench.operator_scale import (
     PEER_USER,
     Request,
     Window,
+    apiserver_categories,
     attribute_writes,
     created_in_audit,
     hop_segments,
@@ -198,6 +199,71 @@ def test_a_profile_is_summed_by_category_and_by_our_functions(tmp_path: Path) ->
     assert not any("cli.py" in name for name, _ in profile["ourFunctionsInclusive"]), (
         "entry points say nothing"
     )
+
+
+def _trace(value: str, *frames: str) -> str:
+    """One sample stack as `go tool pprof -traces` prints it: the leaf first, with the time it holds."""
+    head, *rest = frames
+    return (
+        f"-----------+-------------------------------------------------------\n{value:>10}   {head}\n"
+        + "".join(f"             {frame}\n" for frame in rest)
+    )
+
+
+def test_the_api_servers_profile_is_split_by_kind_of_work_counting_each_sample_once() -> None:
+    status_patch = (
+        "github.com/google/cel-go/interpreter.(*evalEq).Eval",
+        "k8s.io/apiextensions-apiserver/pkg/apiserver/schema/cel.(*Validator).Validate",
+        "k8s.io/apiextensions-apiserver/pkg/registry/customresource.(*StatusREST).Update",
+        "k8s.io/apiserver/pkg/endpoints/handlers.(*patcher).patchResource.func2",
+        "k8s.io/apiserver/pkg/endpoints/handlers/finisher.finishRequest.func1",
+    )
+    create = (
+        "encoding/json.Marshal",
+        "k8s.io/apiserver/pkg/registry/generic/registry.(*Store).Create",
+        "k8s.io/apiextensions-apiserver/pkg/apiserver.(*crdHandler).serveResource.CreateResource.createHandler.func9",
+    )
+    traces = (
+        "File: kube-apiserver\nType: cpu\nDuration: 30s, Total samples = 1.60s (5.33%)\n"
+        + _trace("1s", *status_patch)
+        + _trace("300ms", *create)
+        + _trace("200ms", "runtime.scanObject", "runtime.gcDrain", "runtime.gcBgMarkWorker")
+        + _trace("100ms", "runtime.futex", "runtime.mcall")
+        + "-----------+-------------------------------------------------------\n"
+    )
+    profile = apiserver_categories(traces)
+    assert profile["cpuSeconds"] == 1.6
+    assert profile["categories"] == [
+        ["status PATCHes of FineTuneJobs (only the operator sends them)", 1.0, 62.5],
+        ["creates (all clients)", 0.3, 18.8],
+        ["Go's garbage collector (background)", 0.2, 12.5],
+        ["other", 0.1, 6.2],
+    ]
+    assert profile["celPercent"] == 62.5, "CEL is counted across the rows, within the writes"
+
+
+def test_the_report_prices_the_operators_status_patches_in_the_api_servers_cpu(tmp_path: Path) -> None:
+    results = json.loads(FIXTURE.read_text())
+    results["profile"] = {
+        "jobs": 300,
+        "apiServerWave": {
+            "seconds": 20.0,
+            "cpuSeconds": 30.0,
+            "celPercent": 9.0,
+            "operatorStatusPatches": 300,
+            "categories": [
+                ["status PATCHes of FineTuneJobs (only the operator sends them)", 6.0, 20.0],
+                ["creates (all clients)", 9.0, 30.0],
+                ["other", 15.0, 50.0],
+            ],
+        },
+    }
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    page = build_report(tmp_path)
+    finding = next(line for line in page.splitlines() if "**The API server's CPU**" in line)
+    assert "over 20 s, 1.50 cores" in finding
+    assert "The operator's 300 status patches in that window cost it 20.0 ms of CPU each" in finding
+    assert "| creates (all clients) | 9.0 | 30.0 |" in page
 
 
 # --------------------------------------------------------------------------------------------- report
