@@ -2037,10 +2037,10 @@ def findings(results: dict[str, Any]) -> list[str]:
     load = results["machine"].get("loadAverage") or {}
     if load.get("start") and load.get("end"):
         said.append(
-            f"**Load.** The machine's 1-minute load average went from {load['start'][0]:.1f} to "
-            f"{load['end'][0]:.1f} on {cores} cores during the run, mostly other work: absolute times are "
-            "stretched accordingly; the ratios within one run (ours against the floor and the peer) are the "
-            "figures to compare."
+            f"**Load.** The machine's 1-minute load average was {load['start'][0]:.1f} when the run began "
+            f"(other work) and {load['end'][0]:.1f} as it ended (its own processes included), on {cores} "
+            "cores: absolute times are stretched accordingly; the ratios within one run (ours against the "
+            "floor and the peer) are the figures to compare."
         )
     hop, peer = ours["latency"]["createToPyTorchJob"], ours["latency"]["pyTorchJobToPod"]
     wave_cpu = ours["process"]["waveCpuSeconds"]
