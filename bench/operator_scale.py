@@ -1505,10 +1505,11 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
     }
 
 
+OPERATOR_STATUS_PATCHES = "status PATCHes of FineTuneJobs (only the operator sends them)"
 APISERVER_CATEGORIES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     # (what, alternatives: each a set of frames that must all be on the stack); the first match counts.
     (
-        "status PATCHes of FineTuneJobs (only the operator sends them)",
+        OPERATOR_STATUS_PATCHES,
         (("customresource.(*StatusREST).Update", "patchResource"), ("serveStatus", "PatchResource")),
     ),
     (
@@ -2161,15 +2162,16 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def _apiserver_finding(apiserver: dict[str, Any], jobs: int) -> str:
     """What the API server spent its CPU on while the FineTuneJobs were submitted, and the status patches' part."""
-    shares = {name: (spent, pct) for name, spent, pct in apiserver["categories"]}
     top = ", ".join(f"{name} {pct}%" for name, _, pct in apiserver["categories"][:4])
     said = (
         f"**The API server's CPU** in the create wave ({jobs} jobs, its own pprof profile over "
         f"{apiserver['seconds']:.0f} s, {apiserver['cpuSeconds'] / apiserver['seconds']:.2f} cores): {top}."
     )
-    status = shares.get(APISERVER_CATEGORIES[0][0])
+    status = next(
+        (spent for name, spent, _ in apiserver["categories"] if name == OPERATOR_STATUS_PATCHES), None
+    )
     if status and apiserver.get("operatorStatusPatches"):
-        each = 1000 * status[0] / apiserver["operatorStatusPatches"]
+        each = 1000 * status / apiserver["operatorStatusPatches"]
         said += (
             f" The operator's {apiserver['operatorStatusPatches']} status patches in that window cost it "
             f"{each:.1f} ms of CPU each; CEL validation was {apiserver['celPercent']}% of all its CPU."

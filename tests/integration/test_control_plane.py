@@ -227,17 +227,23 @@ def finetunejobs_in(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == "FineTuneJob"]
 
 
+def resource_of(crd: dict[str, Any], manifest: dict[str, Any]) -> tuple[str, str, str]:
+    """(group, version, plural): where the API server serves `manifest`'s kind."""
+    group, _, version = manifest["apiVersion"].partition("/")
+    return group, version, crd["spec"]["names"]["plural"]
+
+
 def create_dry_run(
     cluster: Cluster, crd: dict[str, Any], manifest: dict[str, Any], namespace: str
 ) -> dict[str, Any]:
     """Creates `manifest` with a server-side dry run and strict field validation, as `kubectl apply` does."""
     manifest = {**manifest, "metadata": {**manifest.get("metadata", {}), "namespace": namespace}}
-    group, _, version = manifest["apiVersion"].partition("/")
+    group, version, plural = resource_of(crd, manifest)
     return cluster.custom.create_namespaced_custom_object(
         group,
         version,
         namespace,
-        crd["spec"]["names"]["plural"],
+        plural,
         manifest,
         dry_run="All",
         field_validation="Strict",
@@ -310,19 +316,18 @@ REFUSED_CHANGES = {
 
 def create_quickstart(cluster: Cluster, crd: dict[str, Any], namespace: str) -> dict[str, Any]:
     (job,) = finetunejobs_in(QUICKSTART)
-    plural = crd["spec"]["names"]["plural"]
-    group, _, version = job["apiVersion"].partition("/")
+    group, version, plural = resource_of(crd, job)
     created: dict[str, Any] = cluster.custom.create_namespaced_custom_object(
         group, version, namespace, plural, job
     )
     return created
 
 
-def patch_spec(
-    cluster: Cluster, crd: dict[str, Any], job: dict[str, Any], spec: dict[str, Any], status: bool = False
+def merge_patch(
+    cluster: Cluster, crd: dict[str, Any], job: dict[str, Any], patch: dict[str, Any], status: bool = False
 ) -> dict[str, Any]:
-    """A merge patch, as `kubectl patch --type merge` sends it."""
-    group, _, version = job["apiVersion"].partition("/")
+    """A merge patch of `job` (or of its status), as `kubectl patch --type merge` sends it."""
+    group, version, plural = resource_of(crd, job)
     call = (
         cluster.custom.patch_namespaced_custom_object_status
         if status
@@ -332,9 +337,9 @@ def patch_spec(
         group,
         version,
         job["metadata"]["namespace"],
-        crd["spec"]["names"]["plural"],
+        plural,
         job["metadata"]["name"],
-        spec,
+        patch,
         _content_type="application/merge-patch+json",
     )
     return patched
@@ -346,12 +351,11 @@ def test_the_api_server_refuses_to_change_a_created_job_naming_the_field(
 ) -> None:
     job = create_quickstart(cluster, kubetune_crd, namespace)
     with pytest.raises(ApiException) as refused:
-        patch_spec(cluster, kubetune_crd, job, {"spec": REFUSED_CHANGES[field_path]})
+        merge_patch(cluster, kubetune_crd, job, {"spec": REFUSED_CHANGES[field_path]})
     assert refused.value.status == 422, refused.value.body
     message = json.loads(refused.value.body)["message"]
     assert f"{field_path}:" in message and "create a new FineTuneJob instead" in message, message
-    group, _, version = job["apiVersion"].partition("/")
-    plural = kubetune_crd["spec"]["names"]["plural"]
+    group, version, plural = resource_of(kubetune_crd, job)
     stored = cluster.custom.get_namespaced_custom_object(
         group, version, namespace, plural, job["metadata"]["name"]
     )
@@ -362,9 +366,9 @@ def test_a_created_job_can_be_suspended_and_its_status_written(
     cluster: Cluster, kubetune_crd: dict[str, Any], namespace: str
 ) -> None:
     job = create_quickstart(cluster, kubetune_crd, namespace)
-    suspended = patch_spec(cluster, kubetune_crd, job, {"spec": {"runPolicy": {"suspend": True}}})
+    suspended = merge_patch(cluster, kubetune_crd, job, {"spec": {"runPolicy": {"suspend": True}}})
     assert suspended["spec"]["runPolicy"]["suspend"] is True
     assert suspended["metadata"]["generation"] == job["metadata"]["generation"] + 1
-    written = patch_spec(cluster, kubetune_crd, job, {"status": {"phase": "Suspended"}}, status=True)
+    written = merge_patch(cluster, kubetune_crd, job, {"status": {"phase": "Suspended"}}, status=True)
     assert written["status"]["phase"] == "Suspended"
     assert {**written["spec"], "runPolicy": job["spec"]["runPolicy"]} == job["spec"]
