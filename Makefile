@@ -38,9 +38,12 @@ system-deps:  ## Install the Debian packages the tests use, when any is missing.
 tools: install  ## Build or fetch the test components (Kubernetes binaries, training operator, kwok, helm).
 	hack/install-tools.sh
 
-lint: install  ## ruff, mypy (strict) and the import layering contracts.
-	$(BIN)/ruff check operator trainer-image tests
-	$(BIN)/mypy operator/kubetune trainer-image/kubetune_trainer
+LINTED := operator trainer-image tests bench
+
+lint: install  ## ruff (rules and formatting), mypy (strict) and the import layering contracts.
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy operator/kubetune trainer-image/kubetune_trainer bench
 	$(BIN)/lint-imports
 
 generate: install  ## Rebuild every generated file from the API models.

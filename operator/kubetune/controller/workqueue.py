@@ -34,7 +34,9 @@ Waited = Callable[[bool, float], None]
 class WorkQueue(Generic[K]):
     """Thread-safe; `get` blocks until a key is ready or the queue is shut down."""
 
-    def __init__(self, base_delay: float = 0.5, max_delay: float = 60.0, waited: Waited | None = None) -> None:
+    def __init__(
+        self, base_delay: float = 0.5, max_delay: float = 60.0, waited: Waited | None = None
+    ) -> None:
         self.base_delay, self.max_delay = base_delay, max_delay
         self._waited = waited
         self._since: dict[K, float] = {}
