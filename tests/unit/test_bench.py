@@ -424,3 +424,20 @@ def test_the_restart_is_the_best_of_several_as_the_raw_list_is(tmp_path: Path) -
     assert "2.5 s from the process start" in said
     assert "the best of 3 restarts (3.5 s, 2.5 s, 3 s)" in said
     assert "writes per job over the 3 restarts" in said
+
+
+def test_a_restart_that_misses_its_target_is_told_what_the_new_process_spent_before_its_first_request(
+    tmp_path: Path,
+) -> None:
+    results = json.loads(FIXTURE.read_text())
+    restart = results["scales"][-1]["operator"]["restart"]
+    restart.update(settleSeconds=2.5, settleAfterFirstRequestSeconds=1.4, rawListSeconds=1.0)
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    said = next(line for line in build_report(tmp_path).splitlines() if "**Restart**" in line)
+    assert "1.1 s (Python starting and importing the operator) passed before its first request" in said
+    assert "from its first request the restart took 1.4x the raw list" in said
+
+    restart.update(settleSeconds=1.9)
+    (tmp_path / "operator_scale.json").write_text(json.dumps(results))
+    said = next(line for line in build_report(tmp_path).splitlines() if "**Restart**" in line)
+    assert "before its first request" not in said, "within the target, nothing to explain"
