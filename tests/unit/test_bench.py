@@ -431,13 +431,15 @@ def test_a_restart_that_misses_its_target_is_told_what_the_new_process_spent_bef
 ) -> None:
     results = json.loads(FIXTURE.read_text())
     restart = results["scales"][-1]["operator"]["restart"]
-    restart.update(settleSeconds=2.5, settleAfterFirstRequestSeconds=1.4, rawListSeconds=1.0)
+    restart.update(
+        settleSeconds=2.5, settleAfterFirstRequestSeconds=1.4, rawListSeconds=1.0, ratioToRawList=2.5
+    )
     (tmp_path / "operator_scale.json").write_text(json.dumps(results))
     said = next(line for line in build_report(tmp_path).splitlines() if "**Restart**" in line)
     assert "1.1 s (Python starting and importing the operator) passed before its first request" in said
     assert "from its first request the restart took 1.4x the raw list" in said
 
-    restart.update(settleSeconds=1.9)
+    restart.update(settleSeconds=1.9, ratioToRawList=1.9)
     (tmp_path / "operator_scale.json").write_text(json.dumps(results))
     said = next(line for line in build_report(tmp_path).splitlines() if "**Restart**" in line)
     assert "before its first request" not in said, "within the target, nothing to explain"
