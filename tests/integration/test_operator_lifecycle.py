@@ -31,6 +31,7 @@ from cluster import REPO_DIR, Cluster, condition, exists, wait_for
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from tests.builders import a_job
+from tests.support.kstatus import kstatus_verdicts
 
 from kubetune.api.v1alpha1 import parse_job
 from kubetune.render import build_spec_configmap
@@ -311,8 +312,8 @@ def test_a_job_goes_pending_running_succeeded_with_conditions_and_events(
     running = wait_for_phase(cluster, namespace, name, "Running")
     generation = running["metadata"]["generation"]
     assert generation == 2, "suspend and resume are the only spec changes"
-    assert status_condition(running, "Ready")["status"] == "True"
-    assert status_condition(running, "Reconciling")["status"] == "False"
+    assert status_condition(running, "Ready")["status"] == "False", "Ready means the adapter is published"
+    assert status_condition(running, "Reconciling")["status"] == "True"
     assert running["status"]["startTime"]
     assert running["status"]["pytorchJob"] == name
 
@@ -322,6 +323,7 @@ def test_a_job_goes_pending_running_succeeded_with_conditions_and_events(
     )
     history.stop()
     assert status_condition(done, "Succeeded")["status"] == "True"
+    assert status_condition(done, "Ready")["status"] == "True"
     assert status_condition(done, "Failed")["status"] == "False"
     assert status_condition(done, "Stalled")["status"] == "False"
     assert all(c["observedGeneration"] == generation for c in done["status"]["conditions"])
@@ -354,6 +356,9 @@ def test_a_failing_trainer_ends_failed_with_its_termination_message(
     assert "InvalidDataset: the dataset has no column 'output'" in failed["status"]["message"]
     assert status_condition(failed, "Failed")["reason"] == "TrainerError"
     assert "no column 'output'" in status_condition(failed, "Failed")["message"]
+    stalled = status_condition(failed, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "TrainerError"
+    assert kstatus_verdicts([failed])[0][0] == "Failed", "Flux and kstatus waits fail at once"
     assert failed["status"]["completionTime"]
     # Events are posted after the status write they describe, so the status can be seen first.
     wait_for(

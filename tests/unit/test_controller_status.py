@@ -145,8 +145,8 @@ def test_a_job_goes_pending_running_succeeded_with_observed_generation_on_every_
     running = Observed(a_pytorchjob("Created", "Running"), [a_pod(running_since=T0)])
     status = compute_status(the_job, status, running, T1)
     assert status.phase is Phase.RUNNING
-    assert conditions_of(status)["Ready"] == ("True", Reason.RUNNING)
-    assert conditions_of(status)["Reconciling"][0] == "False"
+    assert conditions_of(status)["Ready"] == ("False", Reason.RUNNING)
+    assert conditions_of(status)["Reconciling"] == ("True", Reason.RUNNING)
     assert status.start_time == T0
     assert status.gpu_seconds == 8 * 60
 
@@ -156,6 +156,8 @@ def test_a_job_goes_pending_running_succeeded_with_observed_generation_on_every_
     )
     status = compute_status(the_job, status, done, T2)
     assert status.phase is Phase.SUCCEEDED
+    assert conditions_of(status)["Ready"] == ("True", Reason.SUCCEEDED)
+    assert conditions_of(status)["Reconciling"][0] == "False"
     assert conditions_of(status)["Succeeded"] == ("True", Reason.SUCCEEDED)
     assert conditions_of(status)["Failed"][0] == "False"
     assert status.completion_time == T2

@@ -30,7 +30,13 @@ from kubetune.api.v1alpha1 import (
 )
 from kubetune.api.validation import FieldError
 from kubetune.controller.adapter import reported_adapter
-from kubetune.controller.conditions import ConditionStatus, parse_time, rfc3339, set_condition
+from kubetune.controller.conditions import (
+    ConditionStatus,
+    find_condition,
+    parse_time,
+    rfc3339,
+    set_condition,
+)
 from kubetune.controller.pods import (
     REPLICA_TYPE_LABEL,
     deletion_requested_at,
@@ -615,8 +621,10 @@ def _summarise(
     if lost := lost_pods(observed):
         text = "; ".join(lost) + ": waiting for the pods to be evicted and recreated elsewhere"
         return _summary(Phase.RUNNING, "False", "True", Reason.NODE_LOST, text), None
+    # Ready means the job reached what it was asked for (a published adapter): kstatus readers (Flux,
+    # `kubectl wait`) see a training job as InProgress, not Current.
     text = f"training on {nodes} node(s) x {gpus} GPU(s)"
-    return _summary(Phase.RUNNING, "True", "False", Reason.RUNNING, text), None
+    return _summary(Phase.RUNNING, "False", "True", Reason.RUNNING, text), None
 
 
 def made_from_this_generation(job: FineTuneJob, pytorchjob: Manifest) -> bool:
@@ -693,15 +701,23 @@ def compute_status(
 
     if ended:
         # Nothing moves any more; the conditions only take the current generation (kstatus readers
-        # judge a status by it).
+        # judge a status by it). A failure recorded before failures stalled the job is stalled now.
         for condition in current.conditions:
             put(condition.type, (condition.status, condition.reason, condition.message))
+        failed = find_condition(current.conditions, ConditionType.FAILED)
+        if current.phase is Phase.FAILED and failed is not None and failed.status == "True":
+            put(ConditionType.STALLED, ("True", failed.reason, failed.message))
         phase, message = current.phase, current.message
     else:
         summary, failure = _summarise(job, state, observed, failures, adapter)
         put(ConditionType.READY, summary.ready)
         put(ConditionType.RECONCILING, summary.reconciling)
-        if changed := spec_changed_message(job, observed.pytorchjob, digest):
+        if failure is not None:
+            # Terminal: kstatus reads Stalled=True as Failed, so a GitOps pipeline fails at once.
+            put(ConditionType.STALLED, ("True", failure.reason, failure.message))
+        elif changed := spec_changed_message(job, observed.pytorchjob, digest):
+            # The operator will not apply the change: nothing is being reconciled towards it.
+            put(ConditionType.RECONCILING, ("False", Reason.SPEC_CHANGED, changed))
             put(ConditionType.STALLED, ("True", Reason.SPEC_CHANGED, changed))
         else:
             put(ConditionType.STALLED, ("False", summary.ready[1], ""))
