@@ -35,6 +35,15 @@ class JobBuilder:
         self.manifest["spec"].update(copy.deepcopy(fields))
         return self
 
+    def with_metadata(
+        self, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None
+    ) -> JobBuilder:
+        if labels is not None:
+            self.manifest["metadata"]["labels"] = dict(labels)
+        if annotations is not None:
+            self.manifest["metadata"]["annotations"] = dict(annotations)
+        return self
+
     def with_uid(self, uid: str = "3f1c2f7e-0000-4000-8000-000000000001") -> JobBuilder:
         self.manifest["metadata"]["uid"] = uid
         return self

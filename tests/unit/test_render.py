@@ -197,3 +197,67 @@ def test_trainer_command_lets_torchrun_read_the_operator_env() -> None:
     assert "--master_addr=$(MASTER_ADDR)" in container["command"]
     assert container["command"][-2:] == ["-m", "kubetune_trainer"]
     assert {"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"} in container["ports"]
+
+
+TEAM_LABELS = {"team": "search", "cost-center": "ml-4711", "example.com/project": "support-bot"}
+TEAM_ANNOTATIONS = {
+    "sidecar.istio.io/inject": "false",
+    "vault.hashicorp.com/agent-inject": "true",
+    "vault.hashicorp.com/role": "trainer",
+}
+RESERVED = {
+    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+    "app.kubernetes.io/instance": "ml-finetunes",
+    "kubernetes.io/description": "x",
+    "k8s.io/anything": "x",
+    "kubetune.io/job-name": "another-job",
+    "kubetune.io/spec-hash": "forged",
+    "kopf.zalando.org/last-handled-configuration": "{}",
+    "argocd.argoproj.io/tracking-id": "ml-finetunes:kubetune.io/FineTuneJob:ml/demo",
+    "kustomize.toolkit.fluxcd.io/name": "ml-finetunes",
+    "meta.helm.sh/release-name": "jobs",
+    "training.kubeflow.org/replica-type": "master",
+    "kueue.x-k8s.io/queue-name": "somebody-elses-queue",
+}
+
+
+def every_child_metadata(job: Any) -> dict[str, dict[str, Any]]:
+    configmap, pytorchjob = build_all(job, CONFIG)
+    found = {"ConfigMap": configmap["metadata"], "PyTorchJob": pytorchjob["metadata"]}
+    for replica, spec in pytorchjob["spec"]["pytorchReplicaSpecs"].items():
+        found[f"{replica} pod"] = spec["template"]["metadata"]
+    return found
+
+
+def test_team_labels_and_sidecar_annotations_reach_the_configmap_pytorchjob_and_pods() -> None:
+    job = a_job().on(nodes=2).with_metadata(labels=TEAM_LABELS, annotations=TEAM_ANNOTATIONS).build()
+    for child, metadata in every_child_metadata(job).items():
+        assert TEAM_LABELS.items() <= metadata["labels"].items(), child
+        assert TEAM_ANNOTATIONS.items() <= metadata["annotations"].items(), child
+
+
+def test_reserved_labels_and_annotations_stay_on_the_finetunejob() -> None:
+    job = (
+        a_job()
+        .with_spec(scheduling={"queueName": "team-a"})
+        .with_metadata(labels={**RESERVED, "team": "search"}, annotations={**RESERVED, "team": "search"})
+        .build()
+    )
+    for child, metadata in every_child_metadata(job).items():
+        for key in RESERVED:
+            assert metadata["labels"].get(key) != RESERVED[key], f"{child} label {key}"
+            assert metadata.get("annotations", {}).get(key) != RESERVED[key], f"{child} annotation {key}"
+        assert metadata["labels"]["team"] == "search", child
+        assert metadata["labels"]["kubetune.io/job-name"] == "demo", child
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "kubetune", child
+    assert every_child_metadata(job)["PyTorchJob"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_the_operators_own_pod_annotations_win_over_the_jobs() -> None:
+    job = a_job().with_metadata(annotations={"prometheus.io/port": "1"}).build()
+    pod = every_child_metadata(job)["Master pod"]
+    assert pod["annotations"]["prometheus.io/port"] == str(job.spec.metrics.port)
+
+
+def test_labels_do_not_change_the_spec_hash() -> None:
+    assert spec_hash(a_job().with_metadata(labels=TEAM_LABELS).build()) == spec_hash(a_job().build())

@@ -11,7 +11,8 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.render.labels import (
     KUEUE_QUEUE_NAME,
-    job_labels,
+    child_annotations,
+    child_labels,
     owner_references,
     pytorchjob_name,
     spec_configmap_name,
@@ -45,8 +46,8 @@ def _metadata(
     job: FineTuneJob, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None
 ) -> Manifest:
     metadata: Manifest = {"name": name, "namespace": job.namespace, "labels": labels}
-    if annotations:
-        metadata["annotations"] = annotations
+    if merged := {**child_annotations(job), **(annotations or {})}:
+        metadata["annotations"] = merged
     if owners := owner_references(job):
         metadata["ownerReferences"] = owners
     return metadata
@@ -84,7 +85,7 @@ def build_spec_configmap(job: FineTuneJob, document: str | None = None) -> Manif
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, spec_configmap_name(job), job_labels(job)),
+        "metadata": _metadata(job, spec_configmap_name(job), child_labels(job)),
         "data": {SPEC_FILE_KEY: document if document is not None else spec_document(job)},
     }
 
@@ -199,8 +200,9 @@ def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.trainer.image_pull_secrets]
     return {
         "metadata": {
-            "labels": job_labels(job),
+            "labels": child_labels(job),
             "annotations": {
+                **child_annotations(job),
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": str(spec.metrics.port),
                 "prometheus.io/path": "/metrics",
@@ -241,7 +243,7 @@ def build_pytorchjob(job: FineTuneJob, config: RenderConfig, digest: str | None 
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
-    labels = job_labels(job)
+    labels = child_labels(job)
     if spec.scheduling.queue_name:
         labels[KUEUE_QUEUE_NAME] = spec.scheduling.queue_name
     return {

@@ -41,9 +41,10 @@ class ObjectMeta(ApiModel):
     generation: int | None = None
     """Set by the API server; bumped by every spec change."""
     labels: dict[str, str] = {}
-    """Labels; copied to the PyTorchJob and its pods."""
+    """Labels; those present when the job is first reconciled are copied to its ConfigMap, PyTorchJob and pods,
+    except reserved prefixes (kubetune.render.labels.RESERVED_DOMAINS)."""
     annotations: dict[str, str] = {}
-    """Annotations."""
+    """Annotations; copied like the labels."""
 
 
 class FineTuneJob(ApiModel):
