@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,7 @@ from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.api.validation import DocumentResult, validate_file, validate_manifest
 from kubetune.render import RenderConfig, build_all
 from kubetune.render.pytorchjob import spec_document
+from kubetune.render.volumes import PVC_ROOT_ENV
 
 app = typer.Typer(
     name="kubetune",
@@ -210,28 +212,44 @@ def _print_summary(summary: dict[str, object]) -> None:
     out.print(table)
 
 
+def local_env(
+    job: FineTuneJob, workdir: Path, report_dir: Path, pvc_root: Path, base: Mapping[str, str]
+) -> dict[str, str]:
+    """The trainer's environment in local mode: what the pod would get, with this machine's folders.
+    `pvc://CLAIM/path` is read from (and written to) `pvc_root/CLAIM/path`."""
+    return {
+        **base,
+        "KUBETUNE_SPEC": str(workdir / "spec.json"),
+        "KUBETUNE_JOB_NAME": job.name,
+        "KUBETUNE_NAMESPACE": job.namespace,
+        "KUBETUNE_LOCAL": "1",
+        "KUBETUNE_TERMINATION_LOG": str(workdir / "termination-log"),
+        "TMPDIR": base.get("TMPDIR", str(workdir)),
+        "KUBETUNE_REPORT_DIR": str(report_dir),
+        PVC_ROOT_ENV: str(pvc_root.absolute()),
+    }
+
+
 @app.command()
 def run(
     filename: FileOption,
     nproc: Annotated[int, typer.Option("--nproc", help="Training processes on this machine.", min=1)] = 1,
+    pvc_root: Annotated[
+        Path,
+        typer.Option(
+            "--pvc-root",
+            envvar=PVC_ROOT_ENV,
+            help="The folder that stands for the cluster's claims: pvc://CLAIM/path is DIR/CLAIM/path.",
+        ),
+    ] = Path("pvc"),
 ) -> None:
     """Run a FineTuneJob on this machine through torchrun, with the spec the operator would render."""
     job = load_job(filename)
     _require_trainer()
     workdir = Path(tempfile.mkdtemp(prefix=f"kubetune-{job.name}-"))
     report_dir = Path("out") / "reports" / job.name
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(spec_document(job), encoding="utf-8")
-    env = {
-        **os.environ,
-        "KUBETUNE_SPEC": str(spec_path),
-        "KUBETUNE_JOB_NAME": job.name,
-        "KUBETUNE_NAMESPACE": job.namespace,
-        "KUBETUNE_LOCAL": "1",
-        "KUBETUNE_TERMINATION_LOG": str(workdir / "termination-log"),
-        "TMPDIR": os.environ.get("TMPDIR", str(workdir)),
-        "KUBETUNE_REPORT_DIR": str(report_dir),
-    }
+    (workdir / "spec.json").write_text(spec_document(job), encoding="utf-8")
+    env = local_env(job, workdir, report_dir, pvc_root, os.environ)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     command = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "kubetune_trainer"]
     out.print(f"[bold]kubetune[/] running {job.name} ({job.spec.method.type.value}) with {nproc} process(es)")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from kubetune.cli import app
+from tests.builders import a_job
 from tests.conftest import EXAMPLES, INVALID, ROOT
 
 runner = CliRunner()
@@ -70,3 +73,20 @@ def test_control_plane_verbs_do_not_load_the_training_stack() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_local_mode_reads_pvc_claims_from_a_folder_of_this_machine(tmp_path: Path) -> None:
+    from kubetune.cli import local_env
+    from kubetune_trainer.storage import resolve_source
+
+    (tmp_path / "claims" / "datasets" / "sft").mkdir(parents=True)
+    (tmp_path / "claims" / "datasets" / "sft" / "train.jsonl").write_text("{}\n")
+    job = a_job().with_spec(dataset={"source": "pvc://datasets/sft/train.jsonl"}).build()
+    env = local_env(job, tmp_path / "work", tmp_path / "reports", tmp_path / "claims", {"PATH": "/bin"})
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert (
+            resolve_source(job.spec.dataset.source)
+            == tmp_path / "claims" / "datasets" / "sft" / "train.jsonl"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from kubetune.api.validation import validate_manifest
 from kubetune.cli import dump_manifests
 from kubetune.render import RenderConfig, build_all, build_pytorchjob, build_spec_configmap
 from kubetune.render.pytorchjob import spec_hash
+from kubetune.render.volumes import PVC_MOUNT_ROOT, PVC_ROOT_ENV, ClaimUse
+from kubetune_trainer.storage import DEFAULT_PVC_ROOT
+from kubetune_trainer.storage import PVC_ROOT_ENV as PVC_ROOT_ENV_OF_TRAINER
 from tests.builders import a_job
 from tests.conftest import EXAMPLES, ROOT
 
@@ -261,3 +265,69 @@ def test_the_operators_own_pod_annotations_win_over_the_jobs() -> None:
 
 def test_labels_do_not_change_the_spec_hash() -> None:
     assert spec_hash(a_job().with_metadata(labels=TEAM_LABELS).build()) == spec_hash(a_job().build())
+
+
+def claim_mounts_of(job: Any) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (claim, read-only) of the trainer container, checked against the pod's volumes."""
+    pod = _pod(build_pytorchjob(job, CONFIG))
+    volumes = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    found = {}
+    for mount in pod["containers"][0]["volumeMounts"]:
+        if mount["name"] in volumes:
+            claim = volumes[mount["name"]]
+            assert claim["readOnly"] == mount["readOnly"]
+            found[mount["mountPath"]] = (claim["claimName"], mount["readOnly"])
+    return found
+
+
+def test_a_pvc_model_and_dataset_are_mounted_read_only_where_the_trainer_reads_them() -> None:
+    job = a_job().with_spec(
+        model={"source": "pvc://models/llama-3.1-8b"}, dataset={"source": "pvc://datasets/sft/train.jsonl"}
+    )
+    assert claim_mounts_of(job.build()) == {
+        "/mnt/pvc/models": ("models", True),
+        "/mnt/pvc/datasets": ("datasets", True),
+    }
+    env = {
+        e["name"]: e.get("value") for e in _pod(build_pytorchjob(job.build(), CONFIG))["containers"][0]["env"]
+    }
+    assert env["KUBETUNE_PVC_ROOT"] == "/mnt/pvc"
+
+
+def test_an_output_claim_is_writable_and_a_claim_named_twice_is_one_writable_volume() -> None:
+    job = a_job().with_spec(
+        model={"source": "pvc://shared/base"},
+        dataset={"source": "s3://data/train.jsonl"},
+        output={"uri": "pvc://shared/adapters/demo/"},
+        checkpoint={"uri": "pvc://scratch/ckpt/demo"},
+    )
+    assert claim_mounts_of(job.build()) == {
+        "/mnt/pvc/shared": ("shared", False),
+        "/mnt/pvc/scratch": ("scratch", False),
+    }
+
+
+def test_a_job_without_claims_mounts_none_and_sets_no_pvc_root() -> None:
+    pod = _pod(build_pytorchjob(a_job().build(), CONFIG))
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert "KUBETUNE_PVC_ROOT" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_every_replica_mounts_the_claims() -> None:
+    job = a_job().on(nodes=3).with_spec(model={"source": "pvc://models/base"}).build()
+    pytorchjob = build_pytorchjob(job, CONFIG)
+    for replica in ("Master", "Worker"):
+        names = {v["name"] for v in _pod(pytorchjob, replica)["volumes"]}
+        assert "pvc-models" in names, replica
+
+
+def test_a_long_claim_name_still_gives_a_valid_volume_name() -> None:
+    claim = "a" * 60 + "-models"
+    use = ClaimUse(claim, writable=False, fields=("spec.model.source",))
+    assert len(use.volume_name) <= 63 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", use.volume_name)
+    assert use.volume_name != ClaimUse(claim + "x", False, ()).volume_name
+
+
+def test_the_claims_are_mounted_where_the_trainer_looks_for_them() -> None:
+    assert PVC_MOUNT_ROOT == DEFAULT_PVC_ROOT
+    assert PVC_ROOT_ENV == PVC_ROOT_ENV_OF_TRAINER

@@ -17,6 +17,7 @@ from kubetune.render.labels import (
     pytorchjob_name,
     spec_configmap_name,
 )
+from kubetune.render.volumes import PVC_MOUNT_ROOT, PVC_ROOT_ENV, claim_mounts, claim_uses, claim_volumes
 
 Manifest = dict[str, Any]
 
@@ -122,6 +123,8 @@ def trainer_env(job: FineTuneJob) -> list[Manifest]:
     ]
     if spec.storage.s3.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.s3.endpoint})
+    if claim_uses(job):
+        env.append({"name": PVC_ROOT_ENV, "value": PVC_MOUNT_ROOT})
     if spec.storage.s3.credentials_secret:
         secret = spec.storage.s3.credentials_secret
         env.append(_secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"))
@@ -152,8 +155,10 @@ def container_resources(job: FineTuneJob) -> Manifest:
 
 
 def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
-    """The pod every replica runs: the trainer container, the spec volume and a memory-backed /dev/shm."""
+    """The pod every replica runs: the trainer container, the spec volume, a memory-backed /dev/shm and the
+    claims of pvc:// sources and outputs."""
     spec = job.spec
+    claims = claim_uses(job)
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.trainer.image or config.trainer_image,
@@ -168,6 +173,7 @@ def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_MOUNT_PATH, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *claim_mounts(claims),
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -181,6 +187,7 @@ def build_pod_template(job: FineTuneJob, config: RenderConfig) -> Manifest:
         "volumes": [
             {"name": "spec", "configMap": {"name": spec_configmap_name(job)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+            *claim_volumes(claims),
         ],
         # Room to write a checkpoint after SIGTERM (preemption, drain) before SIGKILL.
         "terminationGracePeriodSeconds": 300,
