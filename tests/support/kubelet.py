@@ -12,6 +12,8 @@ What is real:
   (`metadata.*`, `spec.nodeName`, `spec.serviceAccountName`, `status.podIP`, `status.hostIP`) and `envFrom`;
 - ConfigMap, Secret, projected (ConfigMap, Secret, downward API, ServiceAccount token from the TokenRequest
   API, bound to the pod) and emptyDir volumes, read from the API server and written into the pod's folder;
+  PersistentVolumeClaim volumes: the claim must be Bound (by the real PV controller) to a `hostPath` or `local`
+  PersistentVolume, whose folder on this machine becomes the volume (read-only mounts are not enforced);
 - the API access of a pod with a ServiceAccount: its token is a real TokenRequest token checked by the API
   server and RBAC;
 - what the kubelet reports: phase, conditions, podIP, container state running / waiting / terminated with exit
@@ -28,7 +30,9 @@ What is stood in, and how:
   from the table leaves the container waiting with reason ErrImagePull.
 - Filesystem: each pod has a folder (`<root>/<namespace>/<pod>/`); volumes live in `volumes/<name>/`. Mount
   paths are not bind-mounted: env values and arguments that start with a container's `mountPath` (also after
-  `--flag=`) are rewritten to the volume's folder, as is `terminationMessagePath`. `HOME` and `TMPDIR` point
+  `--flag=`) are rewritten to the volume's folder, as is `terminationMessagePath`; a value naming a folder
+  above mount paths (`/mnt/pvc` above `/mnt/pvc/<claim>`) is rewritten to `root/` of the pod's folder, where
+  each mount path is a link to its volume. `HOME` and `TMPDIR` point
   into the pod folder (TMPDIR to the volume mounted at /tmp, if any), standing in for the container's own
   filesystem. A pod with a ServiceAccount token volume gets a kubeconfig beside the token (server, CA, token)
   and `KUBECONFIG` pointing to it: the in-cluster paths under /var/run/secrets are absolute.
@@ -717,12 +721,17 @@ class StandInKubelet:
         return result
 
     def _read(self, kind: str, namespace: str, name: str) -> Manifest | None:
-        call = {
-            "configmap": self.core.read_namespaced_config_map,
-            "secret": self.core.read_namespaced_secret,
-        }[kind]
+        if kind == "persistentvolume":
+            call, args = self.core.read_persistent_volume, (name,)
+        else:
+            call = {
+                "configmap": self.core.read_namespaced_config_map,
+                "secret": self.core.read_namespaced_secret,
+                "persistentvolumeclaim": self.core.read_namespaced_persistent_volume_claim,
+            }[kind]
+            args = (name, namespace)
         try:
-            return self._json(call, name, namespace)
+            return self._json(call, *args)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -769,6 +778,9 @@ class StandInKubelet:
         """Write every volume of the pod into `volumes/<name>/`."""
         for volume in run.pod["spec"].get("volumes", []):
             target = run.folder / "volumes" / volume["name"]
+            if "persistentVolumeClaim" in volume:
+                self._link_claim(run, volume["persistentVolumeClaim"], target)
+                continue
             target.mkdir(parents=True, exist_ok=True)
             files: dict[str, bytes] = {}
             if "emptyDir" in volume:
@@ -791,6 +803,33 @@ class StandInKubelet:
                 path.write_bytes(content)
             if {"token", "ca.crt"} <= set(files):
                 self._write_kubeconfig(target, files["token"], files["ca.crt"], run.namespace)
+
+    def _link_claim(self, run: PodRun, source: Manifest, target: Path) -> None:
+        """A PersistentVolumeClaim volume: the folder of the PersistentVolume the claim is bound to (a
+        `hostPath` or `local` volume: this machine's folder), linked in as the volume's folder."""
+        name = str(source.get("claimName"))
+        claim = self._read("persistentvolumeclaim", run.namespace, name)
+        if claim is None:
+            raise ContainerConfigError(
+                "CreateContainerConfigError", f'persistentvolumeclaim "{name}" not found'
+            )
+        bound = (claim.get("status") or {}).get("phase") == "Bound"
+        volume_name = (claim.get("spec") or {}).get("volumeName")
+        volume = self._read("persistentvolume", "", volume_name) if bound and volume_name else None
+        if volume is None:
+            raise ContainerConfigError(
+                "CreateContainerConfigError", f'persistentvolumeclaim "{name}" is not bound to a volume'
+            )
+        spec = volume.get("spec") or {}
+        folder = (spec.get("hostPath") or spec.get("local") or {}).get("path")
+        if not folder:
+            kinds = ", ".join(sorted(set(spec) & {"csi", "nfs", "iscsi", "awsElasticBlockStore"})) or "this"
+            raise ContainerConfigError(
+                "CreateContainerConfigError",
+                f"persistentvolume {volume_name}: {kinds} volume type is not stood in",
+            )
+        if not target.is_symlink():
+            target.symlink_to(Path(folder), target_is_directory=True)
 
     def _projected_source(self, run: PodRun, source: Manifest) -> dict[str, bytes]:
         """Files of one volume source (also used for whole configMap/secret/downwardAPI volumes)."""
@@ -881,6 +920,15 @@ class StandInKubelet:
         message_file = run.folder / "containers" / container.name / "termination-log"
         mounts[message_path] = message_file
 
+        # The pod's root: each mountPath a link to its volume, so that a folder above mount paths (a
+        # variable naming /mnt/pvc, under which each claim is mounted) holds them as the container sees them.
+        root = run.folder / "root"
+        for mount_path, folder in mounts.items():
+            link = root / mount_path.lstrip("/")
+            if mount_path.startswith("/") and not link.is_symlink() and folder != message_file:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(folder)
+
         def rewrite(value: str) -> str:
             prefix, _, rest = (
                 value.partition("=") if value.startswith("-") and "=" in value else ("", "", value)
@@ -889,6 +937,10 @@ class StandInKubelet:
                 if rest == mount_path or rest.startswith(mount_path + "/"):
                     rest = str(mounts[mount_path]) + rest[len(mount_path) :]
                     break
+            else:
+                folder = rest.rstrip("/")
+                if folder.startswith("/") and any(m.startswith(folder + "/") for m in mounts):
+                    rest = str(root) + rest
             return f"{prefix}={rest}" if prefix else rest
 
         tmp = mounts.get("/tmp", run.folder / "tmp")
