@@ -960,7 +960,9 @@ class StandInKubelet:
             data = self._object_data(kind, run.namespace, ref["name"], bool(ref.get("optional"))) or {}
             env.update({source.get("prefix", "") + key: value.decode() for key, value in data.items()})
         for variable in spec.get("env", []):
-            env[variable["name"]] = rewrite(self._env_value(run, variable, env))
+            value = self._env_value(run, variable, env)
+            if value is not None:  # an optional key that is missing sets no variable, as the kubelet does
+                env[variable["name"]] = rewrite(value)
         for name, value in list(env.items()):
             if ADDRESS_VARIABLE.search(name):
                 env[name] = self._resolve(run.namespace, value)
@@ -976,7 +978,7 @@ class StandInKubelet:
             cwd = run.folder / "home"
         return argv, env, cwd, message_file
 
-    def _env_value(self, run: PodRun, variable: Manifest, defined: Mapping[str, str]) -> str:
+    def _env_value(self, run: PodRun, variable: Manifest, defined: Mapping[str, str]) -> str | None:
         if "valueFrom" not in variable:
             return expand(str(variable.get("value", "")), defined)
         source = variable["valueFrom"]
@@ -988,7 +990,7 @@ class StandInKubelet:
                 data = self._object_data(kind, run.namespace, ref["name"], bool(ref.get("optional")))
                 if data is None or ref["key"] not in data:
                     if ref.get("optional"):
-                        return ""
+                        return None
                     raise ContainerConfigError(
                         "CreateContainerConfigError", f"{kind} {ref['name']} has no key {ref['key']}"
                     )

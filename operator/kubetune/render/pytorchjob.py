@@ -107,8 +107,11 @@ def trainer_command() -> list[str]:
     ]
 
 
-def _secret_env(name: str, secret: str, key: str) -> Manifest:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> Manifest:
+    reference: Manifest = {"name": secret, "key": key}
+    if optional:
+        reference["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": reference}}
 
 
 def trainer_env(job: FineTuneJob) -> list[Manifest]:
@@ -129,6 +132,8 @@ def trainer_env(job: FineTuneJob) -> list[Manifest]:
         secret = spec.storage.s3.credentials_secret
         env.append(_secret_env("AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"))
         env.append(_secret_env("AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"))
+        # Temporary credentials (STS) come with a session token; long-lived keys have none.
+        env.append(_secret_env("AWS_SESSION_TOKEN", secret, "AWS_SESSION_TOKEN", optional=True))
     if spec.storage.hub.token_secret:
         env.append(_secret_env("HF_TOKEN", spec.storage.hub.token_secret, "HF_TOKEN"))
     env.extend({"name": var.name, "value": var.value} for var in spec.trainer.env)
