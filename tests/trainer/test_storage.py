@@ -6,13 +6,21 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.faults import FaultyProxy, faulty_proxy
 from tests.support.seaweedfs import SeaweedFS
 
-from kubetune_trainer.storage import SourceURI, parse_uri, resolve_source
-from kubetune_trainer.termination import SourceError
+from kubetune_trainer.storage import SourceURI, hub_error, parse_uri, resolve_source, with_retries
+from kubetune_trainer.termination import (
+    EXIT_TRANSIENT,
+    SourceError,
+    SourceNotFound,
+    SourceTemporarilyUnavailable,
+    reason_for,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -130,3 +138,90 @@ def test_wrong_s3_credentials_fail_with_the_storage_auth_reason(
     with pytest.raises(SourceError) as error:
         resolve_source(f"s3://{bucket}/model")
     assert error.value.reason == "StorageAuthFailed", str(error.value)
+
+
+@pytest.fixture
+def flaky_s3(s3_env: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[SeaweedFS, FaultyProxy]]:
+    """The trainer's S3 endpoint pointed at a proxy in front of the real SeaweedFS that breaks on command."""
+    with faulty_proxy(s3_env.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        yield s3_env, proxy
+
+
+def test_a_model_download_survives_dropped_connections_and_throttling(
+    flaky_s3: tuple[SeaweedFS, FaultyProxy],
+) -> None:
+    s3, proxy = flaky_s3
+    bucket = s3.new_bucket("flaky")
+    s3.client().put_object(Bucket=bucket, Key="model/config.json", Body=b'{"a": 1}')
+    proxy.reset(2)
+    folder = resolve_source(f"s3://{bucket}/model")
+    assert (folder / "config.json").read_bytes() == b'{"a": 1}'
+    assert proxy.broken == 2
+    proxy.unavailable(2)
+    s3.client().put_object(Bucket=bucket, Key="model/config.json", Body=b'{"a": 2}')
+    assert (resolve_source(f"s3://{bucket}/model") / "config.json").read_bytes() == b'{"a": 2}'
+    assert proxy.broken == 4
+
+
+@pytest.mark.parametrize("fault", ["reset", "unavailable"])
+def test_an_s3_outage_that_outlasts_the_retries_exits_with_a_code_the_restart_policy_retries(
+    flaky_s3: tuple[SeaweedFS, FaultyProxy], fault: str
+) -> None:
+    s3, proxy = flaky_s3
+    bucket = s3.new_bucket("outage")
+    s3.client().put_object(Bucket=bucket, Key="model/config.json", Body=b"{}")
+    getattr(proxy, fault)(None)
+    with pytest.raises(SourceTemporarilyUnavailable) as error:
+        resolve_source(f"s3://{bucket}/model")
+    assert error.value.reason == "SourceUnavailable"
+    assert reason_for(error.value) == ("SourceUnavailable", EXIT_TRANSIENT)
+    assert EXIT_TRANSIENT >= 128, "restartPolicy ExitCode retries 128 and up"
+    assert proxy.broken >= 5, "retried: botocore standard mode makes up to 5 attempts per request"
+
+
+def test_a_missing_object_or_bucket_fails_once_as_source_not_found(s3_env: SeaweedFS) -> None:
+    bucket = s3_env.new_bucket("missing")
+    for uri in (f"s3://{bucket}/no/such/model", f"s3://no-such-bucket-{bucket}/model"):
+        with pytest.raises(SourceNotFound) as error:
+            resolve_source(uri)
+        assert reason_for(error.value)[1] == 1, "exit 1: the restart policy does not retry it"
+
+
+def test_a_missing_claim_folder_is_source_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
+    with pytest.raises(SourceNotFound, match="pvc://claim/model"):
+        resolve_source("pvc://claim/model")
+
+
+def test_the_hub_is_retried_with_backoff_while_unavailable_and_then_succeeds() -> None:
+    calls: list[int] = []
+
+    def attempt() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise SourceTemporarilyUnavailable("503")
+        return "done"
+
+    assert with_retries(attempt, "downloading hf://org/model", attempts=5, backoff=0.01) == "done"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(SourceTemporarilyUnavailable, match="gave up after 2 attempts"):
+        with_retries(lambda: attempt() and attempt(), "x", attempts=2, backoff=0.01)
+
+
+def test_a_hub_error_is_classified_as_not_found_denied_or_transient() -> None:
+    import httpx2 as httpx  # the HTTP client huggingface_hub 2 is built on
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    def http_error(kind: type[HfHubHTTPError], status: int) -> HfHubHTTPError:
+        response = httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/x"))
+        return kind(f"{status}", response=response)
+
+    assert isinstance(hub_error("x", http_error(RepositoryNotFoundError, 404)), SourceNotFound)
+    assert hub_error("x", http_error(HfHubHTTPError, 403)).reason == "StorageAuthFailed"
+    assert isinstance(hub_error("x", http_error(HfHubHTTPError, 503)), SourceTemporarilyUnavailable)
+    assert isinstance(hub_error("x", http_error(HfHubHTTPError, 429)), SourceTemporarilyUnavailable)
+    assert isinstance(hub_error("x", ConnectionResetError("reset by peer")), SourceTemporarilyUnavailable)
+    assert type(hub_error("x", ValueError("bad"))) is SourceError

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.support.seaweedfs import SeaweedFS
 
 from kubetune_trainer.termination import (
     MAX_MESSAGE_BYTES,
@@ -111,3 +112,87 @@ def test_a_failure_already_in_the_log_is_not_replaced_by_the_summary(tmp_path: P
     write_termination_message("DistBackendError", "connection closed by peer", log)
     write_adapter_summary(published_adapter(tmp_path, files=1), log)
     assert log.read_text() == "DistBackendError: connection closed by peer\n"
+
+
+# ------------------------------------------------------------------------- failures a person can act on
+
+
+def test_a_cuda_out_of_memory_error_says_out_of_memory_with_what_to_change(tmp_path: Path) -> None:
+    log = tmp_path / "termination-log"
+    script = (
+        "from kubetune_trainer.termination import fail\n"
+        "class OutOfMemoryError(RuntimeError): pass\n"  # torch.cuda.OutOfMemoryError's name and message
+        "fail(OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.3 GiB total)'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "KUBETUNE_TERMINATION_LOG": str(log)}, check=False
+    )
+    assert result.returncode == 2
+    line = log.read_text()
+    assert line.startswith("OutOfMemory: CUDA out of memory. Tried to allocate 2.00 GiB")
+    for hint in ("batchSizePerDevice", "gradientCheckpointing", "qlora", "offload"):
+        assert hint in line
+
+
+def test_an_nccl_timeout_is_its_own_reason_and_retried() -> None:
+    error = RuntimeError(
+        "[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE) ran for "
+        "600000 milliseconds before timing out."
+    )
+    reason, code = reason_for(error)
+    assert reason == "NCCLTimeout" and code >= 128
+
+
+def test_no_credential_of_the_secret_reaches_the_trainers_log_or_termination_message(
+    s3_env: SeaweedFS, tmp_path: Path
+) -> None:
+    """A real trainer process, given the Secret's variables with marker values, fails to read its model
+    from S3 (the credentials are wrong): its output and termination message name the failure, not them."""
+    from tests.builders import a_job
+
+    from kubetune.render.pytorchjob import spec_document
+
+    bucket = s3_env.new_bucket("secret")
+    job = a_job().with_spec(
+        model={"source": f"s3://{bucket}/model"},
+        storage={"s3": {"endpoint": s3_env.endpoint, "credentialsSecret": "s3-credentials"}},
+    )
+    spec = tmp_path / "spec.json"
+    spec.write_text(spec_document(job.build()))
+    markers = {
+        "AWS_ACCESS_KEY_ID": "AKIAMARKER0KEY0ID0042",
+        "AWS_SECRET_ACCESS_KEY": "marker-secret-access-key-4711",
+        "AWS_SESSION_TOKEN": "marker-session-token-0815",
+        "HF_TOKEN": "hf_markertoken1234567",
+    }
+    log = tmp_path / "termination-log"
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer"],
+        env={
+            **os.environ,
+            **s3_env.env,
+            **markers,
+            "KUBETUNE_SPEC": str(spec),
+            "KUBETUNE_TERMINATION_LOG": str(log),
+            "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr + log.read_text()
+    assert result.returncode == 1, output[-3000:]
+    assert log.read_text().startswith("StorageAuthFailed: "), output[-3000:]
+    for name, value in markers.items():
+        assert value not in output, f"{name} leaked"
+
+
+@pytest.mark.parametrize(
+    "variable", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"]
+)
+def test_every_credential_variable_is_removed_from_a_termination_message(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, "marker-value-1234")
+    assert "marker-value-1234" not in format_termination_message("X", "echoed marker-value-1234 back")

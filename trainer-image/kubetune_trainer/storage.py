@@ -17,13 +17,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .termination import SourceError, storage_reason
+from .termination import SourceError, SourceNotFound, SourceTemporarilyUnavailable, storage_reason
 
 # boto3 builds its client classes at run time; there is no static type to name here.
 S3Client = Any
@@ -111,6 +112,103 @@ def make_s3_client(
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
+HUB_ATTEMPTS_ENV = "KUBETUNE_HUB_ATTEMPTS"
+HUB_BACKOFF_SECONDS = 2.0
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+_TRANSIENT_CODES = (
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+)
+
+
+def s3_error(message: str, error: Exception) -> SourceError:
+    """The SourceError for a boto3 error that outlasted botocore's own retries (standard mode): not found,
+    denied (StorageAuthFailed), still unreachable (retryable by the pod's restart policy), or other."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    text = f"{message}: {error}"
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(details.get("Code", ""))
+        if code in _NOT_FOUND_CODES or status == 404:
+            return SourceNotFound(text)
+        if code in _TRANSIENT_CODES or status == 429 or status >= 500:
+            return SourceTemporarilyUnavailable(text)
+    elif isinstance(error, ConnectionError | HTTPClientError):
+        # Connection refused, reset or closed, read timeouts: what botocore itself retries.
+        return SourceTemporarilyUnavailable(text)
+    return SourceError(text, reason=storage_reason(error, SourceError.reason))
+
+
+def hub_error(message: str, error: Exception) -> SourceError:
+    """The SourceError for a hub client error: a missing repository, revision or file is not found, a gated
+    or unauthorised one is StorageAuthFailed, 5xx, 429 and dropped connections are transient."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    text = f"{message}: {type(error).__name__}: {error}"
+    if isinstance(error, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        return SourceError(text)  # offline (HF_HUB_OFFLINE) and not in the cache: a setting, not an outage
+    if isinstance(error, GatedRepoError):
+        return SourceError(text, reason="StorageAuthFailed")
+    if isinstance(error, RepositoryNotFoundError | RevisionNotFoundError | EntryNotFoundError):
+        return SourceNotFound(text)
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status in (401, 403):
+        return SourceError(text, reason="StorageAuthFailed")
+    if isinstance(error, HfHubHTTPError) and isinstance(status, int) and (status == 429 or status >= 500):
+        return SourceTemporarilyUnavailable(text)
+    if isinstance(error, ConnectionError | TimeoutError) or type(error).__name__ in (
+        "ConnectError",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "RemoteProtocolError",
+        "ReadError",
+    ):
+        return SourceTemporarilyUnavailable(text)
+    return SourceError(text, reason=storage_reason(error, SourceError.reason))
+
+
+def with_retries(attempt: Any, describe: str, attempts: int, backoff: float = HUB_BACKOFF_SECONDS) -> Any:
+    """`attempt()`, again after 2, 4, 8... seconds while it raises SourceTemporarilyUnavailable.
+
+    For the hub: its client retries single requests on some errors, not a whole snapshot; boto3's standard
+    retry mode does this per request for S3.
+    """
+    for number in range(1, attempts):
+        try:
+            return attempt()
+        except SourceTemporarilyUnavailable as error:
+            delay = backoff * 2 ** (number - 1)
+            log.warning(
+                "%s failed (attempt %d of %d), retrying in %.0f s: %s",
+                describe,
+                number,
+                attempts,
+                delay,
+                error,
+            )
+            time.sleep(delay)
+    try:
+        return attempt()
+    except SourceTemporarilyUnavailable as error:
+        raise SourceTemporarilyUnavailable(f"{error} (gave up after {attempts} attempts)") from error
+
+
 def _download_timeout() -> float:
     return float(os.environ.get(DOWNLOAD_TIMEOUT_ENV, str(4 * 3600)))
 
@@ -169,11 +267,9 @@ def _s3_listing(client: S3Client, bucket: str, key: str) -> tuple[bool, list[dic
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             objects.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
     except (BotoCoreError, ClientError) as error:
-        raise SourceError(
-            f"cannot list s3://{bucket}/{key}: {error}", reason=storage_reason(error, SourceError.reason)
-        ) from error
+        raise s3_error(f"cannot list s3://{bucket}/{key}", error) from error
     if not objects:
-        raise SourceError(f"s3://{bucket}/{key} does not exist or is empty")
+        raise SourceNotFound(f"s3://{bucket}/{key} does not exist or is empty")
     return False, objects
 
 
@@ -194,10 +290,7 @@ def _resolve_s3(source: SourceURI, revision: str | None, client: S3Client | None
             try:
                 client.download_file(source.authority, obj["Key"], str(destination))
             except (BotoCoreError, ClientError) as error:
-                raise SourceError(
-                    f"cannot download s3://{source.authority}/{obj['Key']}: {error}",
-                    reason=storage_reason(error, SourceError.reason),
-                ) from error
+                raise s3_error(f"cannot download s3://{source.authority}/{obj['Key']}", error) from error
 
     data_dir = _fill_once(entry, fill, source.uri)
     return data_dir / Path(source.path).name if single else data_dir
@@ -212,7 +305,7 @@ def _resolve_hf(source: SourceURI, revision: str | None, repo_type: str) -> Path
     subfolder = parts[1] if len(parts) > 1 else ""
     entry = _cache_entry({"uri": f"hf://{repo_id}", "revision": revision or "main", "type": repo_type})
 
-    def fill(target: Path) -> None:
+    def download(target: Path) -> None:
         from huggingface_hub import snapshot_download
 
         try:
@@ -220,7 +313,11 @@ def _resolve_hf(source: SourceURI, revision: str | None, repo_type: str) -> Path
                 repo_id=repo_id, repo_type=repo_type, revision=revision or None, local_dir=str(target)
             )
         except Exception as error:  # the hub client raises many unrelated types
-            raise SourceError(f"cannot download {source.uri}: {type(error).__name__}: {error}") from error
+            raise hub_error(f"cannot download {source.uri}", error) from error
+
+    def fill(target: Path) -> None:
+        attempts = int(os.environ.get(HUB_ATTEMPTS_ENV, "5"))
+        with_retries(lambda: download(target), f"downloading {source.uri}", attempts)
 
     data_dir = _fill_once(entry, fill, f"{source.uri}@{revision or 'main'}")
     return data_dir / subfolder if subfolder else data_dir
@@ -243,5 +340,5 @@ def resolve_source(
     else:
         path = _resolve_hf(source, revision, hub_repo_type)
     if not path.exists():
-        raise SourceError(f"{uri} resolves to {path}, which does not exist")
+        raise SourceNotFound(f"{uri} resolves to {path}, which does not exist")
     return path

@@ -28,6 +28,19 @@ EXIT_INTERNAL_ERROR = 2
 # (128 and up), and above 128 + 64 so it never reads as a signal: the pod is re-created, meets the
 # replacement of the lost one and resumes from the checkpoint.
 EXIT_PEER_LOST = 200
+# A source stayed unreachable through every retry (connection reset, 5xx, throttling): retryable, so the
+# training operator re-creates the pod, which tries again; spec.runPolicy.backoffLimit bounds the attempts.
+EXIT_TRANSIENT = 201
+
+OOM_HINT = (
+    "; to fit, lower spec.training.batchSizePerDevice (raise gradientAccumulationSteps to keep the batch), "
+    "turn on spec.training.gradientCheckpointing, use method qlora, or offload with "
+    "spec.deepspeed.offloadOptimizer/offloadParams: cpu"
+)
+
+_NCCL_TIMEOUT = re.compile(
+    r"Watchdog caught collective operation timeout|NCCL[^\n]*(timed out|timeout)", re.IGNORECASE
+)
 
 # How gloo and NCCL say that the other end of a collective is gone.
 _PEER_LOST = re.compile(
@@ -58,6 +71,19 @@ class SourceError(TrainerError):
     """A model or dataset source cannot be read."""
 
     reason = "SourceUnavailable"
+
+
+class SourceNotFound(SourceError):
+    """The source does not exist (404, no such key, bucket, repository or folder): retrying cannot help."""
+
+    reason = "SourceNotFound"
+
+
+class SourceTemporarilyUnavailable(SourceError):
+    """The source stayed unreachable through every retry; the pod is retried (EXIT_TRANSIENT)."""
+
+    reason = "SourceUnavailable"
+    exit_code = EXIT_TRANSIENT
 
 
 class DataError(TrainerError):
@@ -156,8 +182,12 @@ def reason_for(error: BaseException) -> tuple[str, int]:
     if isinstance(error, MemoryError):
         return "OutOfMemory", EXIT_INTERNAL_ERROR
     name = type(error).__name__
-    if name == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+    if name == "OutOfMemoryError" or "CUDA out of memory" in str(error):
+        # torch.cuda.OutOfMemoryError, told without importing torch
         return "OutOfMemory", EXIT_INTERNAL_ERROR
+    if _NCCL_TIMEOUT.search(str(error)):
+        # A rank hung or its network stalled: the pods are retried and resume from the newest checkpoint.
+        return "NCCLTimeout", EXIT_TRANSIENT
     if is_peer_lost(error):
         return "PeerLost", EXIT_PEER_LOST
     return name, EXIT_INTERNAL_ERROR
@@ -176,7 +206,10 @@ def is_peer_lost(error: BaseException) -> bool:
 def fail(error: BaseException, path: Path | None = None) -> NoReturn:
     """Record ``error`` in the termination log and exit non-zero."""
     reason, code = reason_for(error)
-    write_termination_message(reason, str(error) or type(error).__name__, path)
+    message = str(error) or type(error).__name__
+    if reason == "OutOfMemory":
+        message += OOM_HINT
+    write_termination_message(reason, message, path)
     sys.exit(code)
 
 

@@ -142,6 +142,19 @@ the control plane does not import the trainer, a unit test keeps the two equal).
 gives at most 128 + 64."""
 
 
+TRAINER_REASONS = frozenset(
+    {
+        Reason.INSUFFICIENT_GPU_MEMORY,
+        Reason.STORAGE_AUTH_FAILED,
+        Reason.NCCL_TIMEOUT,
+        Reason.OUT_OF_MEMORY,
+        Reason.SOURCE_NOT_FOUND,
+        Reason.SOURCE_UNAVAILABLE,
+    }
+)
+"""Reason words of the trainer's termination message (kubetune_trainer.termination) taken as they are."""
+
+
 def classify_termination(exit_code: int | None, reason: str, message: str) -> Reason:
     """The failure reason of one terminated container from its exit code, reason and termination message.
 
@@ -151,7 +164,9 @@ def classify_termination(exit_code: int | None, reason: str, message: str) -> Re
     rendezvous with the other nodes fails).
     """
     word = message.split(":", 1)[0].strip() if ":" in message else ""
-    if word in (Reason.INSUFFICIENT_GPU_MEMORY, Reason.STORAGE_AUTH_FAILED, Reason.NCCL_TIMEOUT):
+    if word in TRAINER_REASONS:
+        if word == Reason.SOURCE_UNAVAILABLE and STORAGE_AUTH.search(message):
+            return Reason.STORAGE_AUTH_FAILED  # how trainers before StorageAuthFailed said it
         return Reason(word)
     if reason == "OOMKilled":
         return Reason.OOM_KILLED

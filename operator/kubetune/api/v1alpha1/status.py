@@ -48,6 +48,9 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     NODE_LOST = "NodeLost"
     PEER_LOST = "PeerLost"
+    OUT_OF_MEMORY = "OutOfMemory"
+    SOURCE_NOT_FOUND = "SourceNotFound"
+    SOURCE_UNAVAILABLE = "SourceUnavailable"
     TRAINER_ERROR = "TrainerError"
 
 
