@@ -6,7 +6,7 @@ of the usual terms per GPU:
 
 - frozen base weights: 2 bytes per parameter in 16-bit, 4 in fp32, ~0.55 for 4-bit NF4
   with double quantization (quantized linear layers only), 1 for 8-bit; divided by the
-  world size under ZeRO-3 (not for QLoRA: each process loads the whole quantized base);
+  world size under ZeRO-3, a quantized base too (ZeRO-3 partitions it at load);
 - trainable weights, gradients and AdamW state: 4 + 4 + 8 bytes per trainable parameter
   (fp32 master copy), ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients,
   ZeRO-3 also the weights; CPU offload moves the optimizer state (and weights) off the GPU;
@@ -14,6 +14,8 @@ of the usual terms per GPU:
   2022, without the attention-score term that SDPA/flash attention do not store), ~``2 *
   hidden`` with gradient checkpointing; plus the logits in fp32;
 - a fixed 1 GiB for the CUDA context, allocator slack and communication buffers.
+
+The terms are `kubetune.fit.memory`, which the operator's check before the download uses too.
 
 Run as ``python -m kubetune_trainer.estimate -f job.yaml [--format json]`` (the ``kubetune
 estimate`` CLI does, so the operator package never imports torch).
@@ -29,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, MethodType, Task
+from kubetune.fit import OVERHEAD_BYTES, memory
 
 GIB = 1024**3
-OVERHEAD_BYTES = GIB
-QUANTIZED_BYTES_PER_PARAM = {4: 0.55, 8: 1.0}
-PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
@@ -134,49 +134,25 @@ def estimate(spec: FineTuneJobSpec, config: Any, world_size: int | None = None) 
 
     model = meta_model(spec, config)
     trainable, total = count_parameters(model)
-    world = world_size or spec.resources.nodes * spec.resources.processes_per_node
-    deepspeed = spec.deepspeed
-    stage = deepspeed.zero_stage if deepspeed else 0
-    precision_bytes = PRECISION_BYTES[spec.training.precision]
-    frozen = total - trainable
-
-    if spec.method.type == MethodType.QLORA:
-        bits = spec.method.effective_quantization.bits
-        linear = _linear_parameters(model)
-        weights = int(linear * QUANTIZED_BYTES_PER_PARAM[bits] + (frozen - linear) * precision_bytes)
-    else:
-        full_method = spec.method.type in (MethodType.FULL, MethodType.FREEZE)
-        # Frozen weights of adapter methods are loaded in the training precision; full and
-        # freeze keep fp32 weights and run the forward pass in autocast.
-        frozen_bytes = 4 if full_method else precision_bytes
-        weights = frozen * frozen_bytes
-        if stage == 3:
-            weights //= world
-    if deepspeed is not None and deepspeed.offload_params == "cpu" and spec.method.type != MethodType.QLORA:
-        weights = 0
-
-    params_bytes, grads_bytes, optimizer_bytes = 4 * trainable, 4 * trainable, 8 * trainable
-    if stage >= 1:
-        optimizer_bytes //= world
-    if stage >= 2:
-        grads_bytes //= world
-    if stage == 3:
-        params_bytes //= world
-    if deepspeed is not None and deepspeed.offload_optimizer == "cpu":
-        optimizer_bytes = 0
-    if deepspeed is not None and deepspeed.offload_params == "cpu":
-        params_bytes = 0
-    trainable_state = params_bytes + grads_bytes + optimizer_bytes
-
-    tokens = spec.training.batch_size_per_device * spec.dataset.max_seq_length
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
-    per_token_layer = 2 * hidden if spec.training.gradient_checkpointing else 34 * hidden
-    activations = tokens * num_layers(config) * per_token_layer * precision_bytes // 2
-    if spec.model.task == Task.CAUSAL_LM:
-        activations += 2 * tokens * int(getattr(config, "vocab_size", 0)) * 4
-    per_gpu = weights + trainable_state + activations + OVERHEAD_BYTES
+    qlora = spec.method.type == MethodType.QLORA
+    found = memory(
+        spec,
+        trainable=trainable,
+        frozen=total - trainable,
+        quantizable=_linear_parameters(model) if qlora else 0,
+        hidden=int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
+        layers=num_layers(config),
+        vocab_size=int(getattr(config, "vocab_size", 0)),
+        world_size=world_size,
+    )
     return Estimate(
-        trainable, total, int(per_gpu), int(weights), int(trainable_state), int(activations), world
+        trainable,
+        total,
+        found.per_gpu,
+        found.weights,
+        found.trainable_state,
+        found.activations,
+        found.world_size,
     )
 
 
