@@ -170,3 +170,75 @@ def test_question_answering_positions_point_at_the_answer(tokenizer: Any, data_d
     example = data.train[0]
     span = example["input_ids"][example["start_positions"] : example["end_positions"] + 1]
     assert tokenizer.decode(span).strip() == rows[0]["answers"]["text"][0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_a_chat_model_learns_alpaca_rows_in_its_own_template_with_loss_on_the_answer_only(
+    smollm2_tokenizer: Any, tmp_path: Path
+) -> None:
+    tokenizer = smollm2_tokenizer
+    row = {"instruction": "Reverse the word.", "input": "kubetune", "output": "enutebuk"}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    data = build_task_data(
+        load_rows(tmp_path / "rows.jsonl"), tokenizer, a_dataset(format="alpaca"), Task.CAUSAL_LM, seed=0
+    )
+    example = data.train[0]
+    assert tokenizer.decode(example["input_ids"]) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nReverse the word.\n\nkubetune<|im_end|>\n"
+        "<|im_start|>assistant\nenutebuk<|im_end|>\n"
+    )
+    # The template's own end-of-turn closes the answer: no extra EOS, no BOS before the system turn.
+    assert example["input_ids"].count(tokenizer.eos_token_id) == 3
+    answer = [i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    assert answer == list(range(answer[0], len(example["input_ids"])))  # one span, to the end
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert tokens[answer[0] - 4 :] == [
+        "<|im_start|>",
+        "ass",
+        "istant",
+        "Ċ",
+        "en",
+        "ute",
+        "b",
+        "uk",
+        "<|im_end|>",
+        "Ċ",
+    ]
+    assert labelled_text(tokenizer, example) == "enutebuk<|im_end|>\n"
+    assert example["input_ids"] == tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "Reverse the word.\n\nkubetune"},
+            {"role": "assistant", "content": "enutebuk"},
+        ],
+        tokenize=True,
+        return_dict=False,
+    )
+
+
+def test_a_chat_model_learns_completion_rows_as_one_exchange(smollm2_tokenizer: Any, data_dir: Path) -> None:
+    tokenizer = smollm2_tokenizer
+    rows = load_rows(data_dir / "completion.jsonl")
+    data = build_task_data(rows, tokenizer, a_dataset(format="completion"), Task.CAUSAL_LM, seed=0)
+    text = tokenizer.decode(data.train[0]["input_ids"])
+    assert f"<|im_start|>user\n{rows[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n" in text
+    assert "### " not in text
+    assert labelled_text(tokenizer, data.train[0]) == f"{rows[0]['completion']}<|im_end|>\n"
+
+
+def test_without_a_template_alpaca_rows_keep_their_headers_even_after_a_chat_dataset(
+    tokenizer: Any, data_dir: Path
+) -> None:
+    assert tokenizer.chat_template is None  # the tiny test tokenizer ships none
+    chat = load_rows(data_dir / "chat.jsonl").select(range(2))
+    build_task_data(chat, tokenizer, a_dataset(format="chat"), Task.CAUSAL_LM, seed=0)
+    assert tokenizer.chat_template is None  # ChatML was used, not left on the tokenizer
+    rows = load_rows(data_dir / "alpaca.jsonl").select(range(2))
+    data = build_task_data(rows, tokenizer, a_dataset(format="alpaca"), Task.CAUSAL_LM, seed=0)
+    assert "### Instruction:" in tokenizer.decode(data.train[0]["input_ids"])

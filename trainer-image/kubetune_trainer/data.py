@@ -4,6 +4,11 @@ Causal-lm examples are rendered as text made of segments (prompt, response), tok
 as one string, and labelled by character offsets: a token is trained on only when it
 starts inside a response segment. Tokenizing prompt and response apart and gluing the
 ids would disagree with the joint tokenization wherever a token crosses the boundary.
+
+A chat model is trained in its own template: when the tokenizer ships a chat template,
+alpaca and completion rows become a user turn and an assistant turn rendered through it
+(as LLaMA-Factory and trl do), so the tuned model answers the prompts it will be asked
+at inference. The ``### Instruction`` headers are for tokenizers without a template.
 """
 
 from __future__ import annotations
@@ -100,9 +105,31 @@ def alpaca_segments(row: dict[str, Any], columns: DatasetColumns) -> Segments:
     return [(prompt, False), (str(row[columns.output]), True)]
 
 
+def alpaca_messages(row: dict[str, Any], columns: DatasetColumns) -> list[dict[str, str]]:
+    """An alpaca row as one exchange: instruction and input (if any) ask, output answers."""
+    _require(row, columns.instruction, columns.output)
+    context = str(row.get(columns.input) or "").strip()
+    question = "\n\n".join(part for part in (str(row[columns.instruction]).strip(), context) if part)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": str(row[columns.output])}]
+
+
 def completion_segments(row: dict[str, Any], columns: DatasetColumns) -> Segments:
     _require(row, columns.prompt, columns.completion)
     return [(str(row[columns.prompt]), False), (str(row[columns.completion]), True)]
+
+
+def completion_messages(row: dict[str, Any], columns: DatasetColumns) -> list[dict[str, str]]:
+    _require(row, columns.prompt, columns.completion)
+    return [
+        {"role": "user", "content": str(row[columns.prompt])},
+        {"role": "assistant", "content": str(row[columns.completion])},
+    ]
+
+
+def own_chat_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The chat template the model ships, if any."""
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) and template else None
 
 
 def text_segments(row: dict[str, Any], text_column: str) -> Segments:
@@ -124,16 +151,26 @@ def _messages(row: dict[str, Any], column: str) -> list[dict[str, str]]:
 def chat_segments(
     row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, column: str = "messages"
 ) -> Segments:
-    """Render with the chat template; assistant turns (with their end-of-turn text) are responses.
+    """A chat row rendered with the tokenizer's template (ChatML when it has none)."""
+    return message_segments(
+        _messages(row, column), tokenizer, own_chat_template(tokenizer) or DEFAULT_CHAT_TEMPLATE
+    )
+
+
+def message_segments(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template: str
+) -> Segments:
+    """Render with ``template``; assistant turns (with their end-of-turn text) are responses.
 
     Each assistant turn's span is found by rendering the conversation up to it with the
     generation prompt and up to its end, so whatever the template puts around a turn
     lands on the right side.
     """
-    messages = _messages(row, column)
 
     def render(part: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        text = tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(
+            part, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
         assert isinstance(text, str)
         return text
 
@@ -215,9 +252,9 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> 
 
 
 def _causal_lm(rows: Dataset, tokenizer: PreTrainedTokenizerBase, options: DatasetSpec) -> Dataset:
-    chat = options.format == "chat"
-    if chat and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    own = own_chat_template(tokenizer)
+    # Rendered through a chat template, which writes its own BOS and end-of-turn text.
+    chat = options.format == "chat" or (own is not None and options.format in ("alpaca", "completion"))
     columns = options.columns
     segmenters: dict[str, Callable[[dict[str, Any]], Segments]] = {
         "alpaca": lambda row: alpaca_segments(row, columns),
@@ -225,6 +262,11 @@ def _causal_lm(rows: Dataset, tokenizer: PreTrainedTokenizerBase, options: Datas
         "text": lambda row: text_segments(row, columns.text),
         "chat": lambda row: chat_segments(row, tokenizer, columns.messages),
     }
+    if own is not None:
+        segmenters["alpaca"] = lambda row: message_segments(alpaca_messages(row, columns), tokenizer, own)
+        segmenters["completion"] = lambda row: message_segments(
+            completion_messages(row, columns), tokenizer, own
+        )
     segment = segmenters[str(options.format)]
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
