@@ -169,6 +169,7 @@ def test_run_policy_and_scheduling_pass_through() -> None:
         "ttlSecondsAfterFinished": 60,
         "suspend": True,
         "cleanPodPolicy": "All",
+        "schedulingPolicy": {"minAvailable": 3, "priorityClass": "high"},
     }
     assert pytorchjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     pod = _pod(pytorchjob, "Worker")
@@ -331,3 +332,18 @@ def test_a_long_claim_name_still_gives_a_valid_volume_name() -> None:
 def test_the_claims_are_mounted_where_the_trainer_looks_for_them() -> None:
     assert PVC_MOUNT_ROOT == DEFAULT_PVC_ROOT
     assert PVC_ROOT_ENV == PVC_ROOT_ENV_OF_TRAINER
+
+
+def test_a_queued_job_is_created_suspended_for_kueue_to_admit() -> None:
+    queued = a_job().with_spec(scheduling={"queueName": "team-a"}).build()
+    assert build_pytorchjob(queued, CONFIG)["spec"]["runPolicy"]["suspend"] is True
+    assert build_pytorchjob(a_job().build(), CONFIG)["spec"]["runPolicy"]["suspend"] is False
+
+
+def test_the_gang_is_every_pod_of_the_job_at_the_specs_priority() -> None:
+    job = a_job().on(nodes=4, gpus=8).with_spec(scheduling={"priorityClassName": "research"}).build()
+    policy = build_pytorchjob(job, CONFIG)["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 4, "priorityClass": "research"}
+    assert build_pytorchjob(a_job().build(), CONFIG)["spec"]["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 1
+    }

@@ -45,6 +45,7 @@ from kubetune.controller.pods import (
     stopped_by_deletion,
     trainer_status,
 )
+from kubetune.controller.queueing import waiting_message
 from kubetune.render.labels import pytorchjob_name
 from kubetune.render.pytorchjob import (
     CONTAINER_NAME,
@@ -81,6 +82,8 @@ class Observed:
     """Nodes whose Ready condition is not True (a pod there is not really running)."""
     deleted_pods: Sequence[Manifest] = ()
     """Pods a watch reported deleted, in their final state: their GPU time is banked in the status."""
+    workload: Manifest | None = None
+    """Kueue's Workload of the PyTorchJob, for a job with spec.scheduling.queueName."""
 
 
 @dataclass(frozen=True)
@@ -619,6 +622,11 @@ def _summarise(
     if state is JobState.CREATED:
         text = f"PyTorchJob {pytorchjob_name(job)} created; waiting for {nodes} pod(s) to run"
         return _summary(Phase.PENDING, "False", "True", Reason.CREATED, text), None
+    if state in (JobState.SUSPENDED, JobState.CREATED) and (
+        queued := waiting_message(job, observed.workload)
+    ):
+        # Kueue holds the job (its PyTorchJob is suspended until admitted): waiting, not stopped.
+        return _summary(Phase.PENDING, "False", "True", Reason.QUEUED, _shorten(queued)), None
     if state is JobState.SUSPENDED:
         text = "suspended: the pods are stopped; set spec.runPolicy.suspend to false to resume from the newest checkpoint"
         return _summary(Phase.SUSPENDED, "False", "False", Reason.SUSPENDED, text), None

@@ -238,6 +238,15 @@ def _made_from(job: FineTuneJob, digest: str | None) -> dict[str, str]:
     return annotations
 
 
+def scheduling_policy(job: FineTuneJob) -> Manifest:
+    """The gang: all of the job's pods start together or none does (a gang scheduler reads minAvailable),
+    at the spec's PriorityClass."""
+    policy: Manifest = {"minAvailable": job.spec.resources.nodes}
+    if job.spec.scheduling.priority_class_name:
+        policy["priorityClass"] = job.spec.scheduling.priority_class_name
+    return policy
+
+
 def build_pytorchjob(job: FineTuneJob, config: RenderConfig, digest: str | None = None) -> Manifest:
     """The Kubeflow PyTorchJob: one Master and nodes-1 Workers, nprocPerNode processes each. `digest` is
     `spec_hash(job)` when the caller has it already."""
@@ -249,7 +258,9 @@ def build_pytorchjob(job: FineTuneJob, config: RenderConfig, digest: str | None 
     run_policy: Manifest = {
         "backoffLimit": spec.run_policy.backoff_limit,
         "cleanPodPolicy": spec.run_policy.clean_pod_policy,
-        "suspend": spec.run_policy.suspend,
+        # Under a Kueue queue the job starts suspended: Kueue un-suspends it when its quota admits it.
+        "suspend": spec.run_policy.suspend or bool(spec.scheduling.queue_name),
+        "schedulingPolicy": scheduling_policy(job),
     }
     if spec.run_policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds

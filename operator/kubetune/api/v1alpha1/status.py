@@ -35,6 +35,7 @@ class Reason(StrEnum):
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
     SUCCEEDED = "Succeeded"
     INVALID_SPEC = "InvalidSpec"
     SPEC_CHANGED = "SpecChangedWhileCreated"
