@@ -49,3 +49,47 @@ def test_a_rerun_that_resumes_from_its_last_step_reports_no_throughput() -> None
         {"train_runtime": 0.0007, "train_steps_per_second": 0.0, "num_input_tokens_seen": 2000},
     ]
     assert summarize(history, MANIFEST, trainable=25, total=100)["tokensPerSecond"] is None
+
+
+def test_sample_answers_reach_the_summary_and_the_table_shows_them_beside_the_scores() -> None:
+    from rich.console import Console
+
+    from kubetune import cli
+
+    samples = [
+        {
+            "prompt": "color(tomato)",
+            "answer": "red",
+            "baseAnswer": "I'm glad you're enjoying the service of the SmolLM.",
+            "expected": "red",
+            "exactMatch": True,
+            "baseExactMatch": False,
+        },
+        {
+            "prompt": "color(frog)",
+            "answer": "blue",
+            "baseAnswer": "Frogs are\ngreen.",
+            "expected": "green",
+            "exactMatch": False,
+            "baseExactMatch": False,
+        },
+    ]
+    manifest = {
+        **MANIFEST,
+        "samples": samples,
+        "metrics": {"samples_exact_match": 0.5, "samples_base_exact_match": 0.0},
+    }
+    summary = summarize(HISTORY, manifest, trainable=25, total=100)
+    assert summary["samples"] == samples
+    assert (summary["baseExactMatch"], summary["exactMatch"]) == (0.0, 0.5)
+
+    console = Console(width=160, record=True)
+    original, cli.out = cli.out, console
+    try:
+        cli._print_samples(summary)
+    finally:
+        cli.out = original
+    text = console.export_text()
+    assert "color(tomato)" in text and "I'm glad you're enjoying" in text and "✓ red" in text
+    assert "✗ Frogs are⏎green." in text and "✗ blue" in text and "(expected green)" in text
+    assert "exact match on 2 held-out prompts: base model 0% -> tuned 50%" in text

@@ -95,3 +95,18 @@ def test_a_file_with_several_documents_reports_each(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump_all([good, other, bad]))
     results = validate_file(path)
     assert [(r.name, bool(r.errors)) for r in results] == [("one", False), ("two", True)]
+
+
+def test_sample_prompts_are_optional_and_answers_short_by_default() -> None:
+    assert a_job().build().spec.samples is None
+    job = (
+        a_job()
+        .with_spec(samples={"prompts": [{"prompt": "color(tomato)", "expected": "red"}, {"prompt": "Hi"}]})
+        .build()
+    )
+    assert job.spec.samples is not None
+    assert job.spec.samples.max_new_tokens == 64
+    assert [(p.prompt, p.expected) for p in job.spec.samples.prompts] == [
+        ("color(tomato)", "red"),
+        ("Hi", None),
+    ]

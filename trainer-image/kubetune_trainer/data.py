@@ -251,10 +251,57 @@ def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> 
     ]
 
 
+def chat_template_for(tokenizer: PreTrainedTokenizerBase, options: DatasetSpec) -> str | None:
+    """The template a causal-lm job's rows are rendered through, or None when they are plain text.
+
+    Chat rows always have one (ChatML when the model ships none); alpaca and completion rows
+    use the model's own template when it has one."""
+    own = own_chat_template(tokenizer)
+    if options.format == "chat":
+        return own or DEFAULT_CHAT_TEMPLATE
+    return own if options.format in ("alpaca", "completion") else None
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, options: DatasetSpec, target: Path) -> None:
+    """Save the tokenizer with the chat template the job trained in.
+
+    A chat job on a model without a template of its own trained in ChatML; the saved tokenizer
+    carries it, so whoever loads the adapter prompts it the way it learned. The tokenizer in
+    memory keeps its own (none), so rendering elsewhere in the process is unchanged."""
+    own = getattr(tokenizer, "chat_template", None)
+    template = chat_template_for(tokenizer, options)
+    if template is not None and own_chat_template(tokenizer) is None:
+        tokenizer.chat_template = template
+    try:
+        tokenizer.save_pretrained(target)
+    finally:
+        tokenizer.chat_template = own
+
+
+def render_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, options: DatasetSpec) -> tuple[str, bool]:
+    """A user's prompt as the job's training rows render a prompt, up to where the answer starts.
+
+    Returns the text and whether the tokenizer should add its special tokens (a chat template
+    writes its own BOS)."""
+    template = chat_template_for(tokenizer, options)
+    if template is not None:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert isinstance(text, str)
+        return text, False
+    if options.format == "alpaca":
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt.strip()), True
+    return prompt, True
+
+
 def _causal_lm(rows: Dataset, tokenizer: PreTrainedTokenizerBase, options: DatasetSpec) -> Dataset:
     own = own_chat_template(tokenizer)
     # Rendered through a chat template, which writes its own BOS and end-of-turn text.
-    chat = options.format == "chat" or (own is not None and options.format in ("alpaca", "completion"))
+    chat = chat_template_for(tokenizer, options) is not None
     columns = options.columns
     segmenters: dict[str, Callable[[dict[str, Any]], Segments]] = {
         "alpaca": lambda row: alpaca_segments(row, columns),

@@ -36,6 +36,10 @@ def summarize(
         # The checksum `sha256sum kubetune-manifest.json` gives, and the one status.adapter.sha256 holds on a cluster.
         "adapterSha256": manifest.get("manifestSha256", manifest.get("sha256")),
         "lossCurve": losses,
+        # What the model answered to the spec's sample prompts, before and after training.
+        "samples": manifest.get("samples", []),
+        "exactMatch": manifest.get("metrics", {}).get("samples_exact_match"),
+        "baseExactMatch": manifest.get("metrics", {}).get("samples_base_exact_match"),
     }
 
 

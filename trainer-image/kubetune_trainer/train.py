@@ -46,7 +46,7 @@ from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, LearningRateGrou
 
 from . import distributed
 from .checkpoint import CheckpointStore, CheckpointSyncCallback, PreemptionCallback, barrier
-from .data import TaskData, build_task_data, collator_for, load_rows
+from .data import TaskData, build_task_data, collator_for, load_rows, save_tokenizer
 from .deepspeed_config import build_deepspeed_config
 from .estimate import GIB, estimate, num_layers
 from .methods import (
@@ -61,6 +61,7 @@ from .methods import (
 )
 from .metrics import MetricsCallback, MetricsServer, TrainingMetrics
 from .publish import check_adapter, publish
+from .samples import Sample, collect, exact_match_metrics, generate_answers
 from .storage import resolve_source
 from .termination import DataError, InsufficientGPUMemory
 
@@ -96,6 +97,8 @@ class RunResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None
     """The trained model (for callers in the same process, such as tests and chained rounds)."""
+    samples: list[Sample] = field(default_factory=list)
+    """The answers to the spec's sample prompts (rank 0)."""
 
 
 # ----------------------------------------------------------------------------------- spec
@@ -621,7 +624,7 @@ def save_adapter(
         with pruned_ranks_expected(spec):
             trainer.save_model(str(target))
     if distributed.is_main_process():
-        tokenizer.save_pretrained(target)
+        save_tokenizer(tokenizer, spec.dataset, target)
         for leftover in ("training_args.bin",):
             (target / leftover).unlink(missing_ok=True)
     barrier()
@@ -651,7 +654,7 @@ def merge_into_base(
         base.resize_token_embeddings(len(tokenizer))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    save_tokenizer(tokenizer, spec.dataset, target)
 
 
 # ----------------------------------------------------------------------------------- run
@@ -697,6 +700,7 @@ def _run(
     steps = total_steps(spec, len(data.train))
 
     model: Any = load_model(spec, model_dir, tokenizer, data)
+    base_answers = base_sample_answers(spec, model, tokenizer)
     context = MethodContext(
         task=spec.model.task,
         total_steps=steps,
@@ -764,6 +768,10 @@ def _run(
     if preemption.stopped:
         return result
 
+    if spec.samples is not None:
+        result.samples = trained_samples(spec, model, tokenizer, base_answers)
+        result.metrics.update(exact_match_metrics(result.samples))
+
     if data.validation is not None:
         evaluation = trainer.evaluate()
         if spec.model.task == Task.CAUSAL_LM and "eval_loss" in evaluation:
@@ -788,7 +796,7 @@ def _run(
                 model.merge_and_unload().save_pretrained(adapter_dir)
             else:
                 save_stacked_lora(chain_deltas, model, adapter_dir)
-            tokenizer.save_pretrained(adapter_dir)
+            save_tokenizer(tokenizer, spec.dataset, adapter_dir)
         barrier()
     else:
         save_adapter(trainer, spec, tokenizer, adapter_dir, initial_adapter)
@@ -798,6 +806,48 @@ def _run(
         )
     barrier()
     return result
+
+
+def zero3_partitioned(spec: FineTuneJobSpec) -> bool:
+    """Whether each rank holds only a shard of the weights."""
+    return spec.deepspeed is not None and spec.deepspeed.zero_stage == 3 and distributed.world_size() > 1
+
+
+def base_sample_answers(
+    spec: FineTuneJobSpec, model: Any, tokenizer: PreTrainedTokenizerBase
+) -> list[str] | None:
+    """Rank 0: the base model's answers to the sample prompts, before any method touches it.
+
+    Under ZeRO-3 the freshly loaded shards are only gathered once DeepSpeed's engine runs the
+    model, so a partitioned base gives no answers before training."""
+    if spec.samples is None or not distributed.is_main_process():
+        return None
+    if zero3_partitioned(spec):
+        log.info("samples: no base answers under ZeRO-3 (the base is partitioned before training)")
+        return None
+    return generate_answers(model, tokenizer, spec)
+
+
+def trained_samples(
+    spec: FineTuneJobSpec, model: Any, tokenizer: PreTrainedTokenizerBase, base_answers: list[str] | None
+) -> list[Sample]:
+    """The trained model's answers (rank 0; under ZeRO-3 every rank takes part in each forward pass)."""
+    synced = zero3_partitioned(spec)
+    if not (synced or distributed.is_main_process()):
+        return []
+    answers = generate_answers(model, tokenizer, spec, synced_gpus=synced)
+    if not distributed.is_main_process():
+        return []
+    samples = collect(spec, answers, base_answers)
+    for sample in samples:
+        log.debug("sample %r -> %r (base %r)", sample.prompt, sample.answer, sample.base_answer)
+    scores = exact_match_metrics(samples)
+    log.info(
+        "samples: %d answered%s",
+        len(samples),
+        "".join(f", {name} {value:.0%}" for name, value in scores.items()),
+    )
+    return samples
 
 
 def publish_result(
@@ -837,5 +887,6 @@ def publish_result(
             "trainableParams": result.trainable_params,
             "totalParams": result.total_params,
             "globalStep": result.global_step,
+            **({"samples": [s.to_manifest() for s in result.samples]} if result.samples else {}),
         },
     )

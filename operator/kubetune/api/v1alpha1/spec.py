@@ -745,6 +745,31 @@ class TrainerSpec(ApiModel):
     )
 
 
+MAX_SAMPLE_NEW_TOKENS = 512
+"""The most tokens a sample answer may have: generating is serial, one forward pass per token."""
+
+
+class SamplePrompt(ApiModel):
+    """One prompt, answered by the base model and by the trained one."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    """The user's message; rendered through the model's chat template when it has one, as training rows are."""
+    expected: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    """The answer wanted, if there is one: the sample is then scored by exact match (case, surrounding spaces and a final period aside)."""
+
+
+class SamplesSpec(ApiModel):
+    """Prompts answered by the base model before training and by the trained model after it (causal-lm).
+
+    The answers (greedy, at most maxNewTokens tokens each) go into the published manifest's `samples` and the
+    local run's report, so a reader of the adapter sees what it does."""
+
+    prompts: Annotated[list[SamplePrompt], Field(min_length=1, max_length=64)]
+    """The prompts, answered in this order."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_SAMPLE_NEW_TOKENS)] = 64
+    """The longest answer in tokens; generation stops earlier at the end of the turn."""
+
+
 # --- the spec ----------------------------------------------------------------------------------
 
 PROMPT_LEARNING_CEL = ", ".join(f"'{t.value}'" for t in PROMPT_LEARNING_METHODS)
@@ -779,6 +804,8 @@ class FineTuneJobSpec(ApiModel):
     """Node selection and queueing."""
     trainer: Annotated[TrainerSpec, Immutable] = TrainerSpec()
     """The trainer container."""
+    samples: Annotated[SamplesSpec | None, Immutable] = None
+    """Prompts answered before and after training, to show what the adapter does."""
 
     rules = (
         Rule(
@@ -822,5 +849,12 @@ class FineTuneJobSpec(ApiModel):
                 )
             ),
         ),
+        Rule(
+            cel="!has(self.samples) || self.model.task == 'causal-lm'",
+            message="samples need model.task causal-lm: only a language model answers prompts",
+            field=".samples",
+            check=lambda s: s.samples is None or s.model.task == Task.CAUSAL_LM,
+        ),
         _pinned("deepspeed", "spec.deepspeed"),
+        _pinned("samples", "spec.samples"),
     )
