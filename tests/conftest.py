@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# As in `kubetune run`'s local mode: on a busy machine torch's OpenMP threads sleep instead of spinning
+# while they wait for one another (read once, when torch loads, so it is set before any test imports it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

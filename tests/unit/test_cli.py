@@ -83,6 +83,7 @@ def test_local_mode_reads_pvc_claims_from_a_folder_of_this_machine(tmp_path: Pat
     (tmp_path / "claims" / "datasets" / "sft" / "train.jsonl").write_text("{}\n")
     job = a_job().with_spec(dataset={"source": "pvc://datasets/sft/train.jsonl"}).build()
     env = local_env(job, tmp_path / "work", tmp_path / "reports", tmp_path / "claims", {"PATH": "/bin"})
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE", "torch's threads sleep while waiting on a shared machine"
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
