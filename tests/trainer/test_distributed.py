@@ -13,21 +13,25 @@ from typing import Any
 
 import pytest
 from tests.support.seaweedfs import free_port
-from tests.trainer.conftest import cpu_job
+from tests.trainer.conftest import cpu_job, late_to_early, logged_losses
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 STEPS = 12
+# The counting texts: a loss curve smooth enough that "it learned" is decisive in 12 steps
+# (alpaca's varied rows left one seed's late/early ratio at 0.99).
+DATA, FORMAT = "text.jsonl", "text"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 QUANTIZATION = {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "float32"}
 
 
-def write_spec(tmp_path: Path, model: Path, data: Path, **spec: Any) -> tuple[Path, Path]:
+def write_spec(tmp_path: Path, model: Path, data_dir: Path, **spec: Any) -> tuple[Path, Path]:
     output = tmp_path / "out"
     manifest = cpu_job(
         model,
-        data,
+        data_dir / DATA,
         output,
+        dataset={"format": FORMAT},
         training={"maxSteps": STEPS, "learningRate": 3e-2, "batchSizePerDevice": 4},
         checkpoint={"everySteps": STEPS, "keep": 1},
         **spec,
@@ -61,9 +65,10 @@ def finish(process: subprocess.Popen[str], timeout: float = 420) -> str:
     return output
 
 
-def losses_of(output: Path) -> list[float]:
+def log_history_of(output: Path) -> list[dict[str, Any]]:
     state = json.loads((output / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    history: list[dict[str, Any]] = state["log_history"]
+    return history
 
 
 def assert_learned_and_published(output: Path, world_size: int) -> dict[str, Any]:
@@ -75,8 +80,11 @@ def assert_learned_and_published(output: Path, world_size: int) -> dict[str, Any
         (output / "checkpoints" / f"checkpoint-{STEPS}" / "kubetune-checkpoint.json").read_text()
     )
     assert marker["worldSize"] == world_size
-    losses = losses_of(output)
-    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    # The same jobs in one process with the same global batch: over 20 initialisations and seeds
+    # (``measure_spread --tier checks``) the late/early loss ratio was at worst 0.703 (LoRA) and
+    # 0.712 (QLoRA); the test asks for half that drop.
+    history = log_history_of(output)
+    assert late_to_early(history, 3) < 0.85, logged_losses(history)
     # Whole tensors, as many elements as parameters were trained (gathered from the ZeRO-3 partitions).
     assert check_adapter(output, manifest["trainableParams"]) == manifest["trainableParams"]
     return manifest
@@ -119,7 +127,7 @@ def test_two_processes_with_zero3_train_and_save_a_whole_adapter(
     spec_file, output = write_spec(
         tmp_path,
         tiny_llama_dir,
-        data_dir / "alpaca.jsonl",
+        data_dir,
         method={"type": "lora", "lora": LORA},
         deepspeed=deepspeed,
     )
@@ -139,7 +147,7 @@ def test_qlora_trains_under_ddp_and_zero3_and_reloads_onto_a_quantized_base(
     spec_file, output = write_spec(
         tmp_path,
         tiny_llama_dir,
-        data_dir / "alpaca.jsonl",
+        data_dir,
         method={"type": "qlora", "lora": LORA, "quantization": QUANTIZATION},
         **extra,
     )
@@ -154,9 +162,7 @@ def test_qlora_trains_under_ddp_and_zero3_and_reloads_onto_a_quantized_base(
 def test_two_nodes_of_one_process_meet_through_a_c10d_rendezvous(
     tiny_llama_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    spec_file, output = write_spec(
-        tmp_path, tiny_llama_dir, data_dir / "alpaca.jsonl", method={"type": "lora", "lora": LORA}
-    )
+    spec_file, output = write_spec(tmp_path, tiny_llama_dir, data_dir, method={"type": "lora", "lora": LORA})
     rendezvous = [
         "--nnodes=2",
         "--nproc_per_node=1",

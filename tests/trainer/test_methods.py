@@ -4,13 +4,14 @@ stays as it was, the trained weights move, and what is published reloads with th
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tests.trainer.conftest import cpu_job
+from tests.trainer.conftest import cpu_job, late_to_early, logged_losses
 
 from kubetune_trainer.publish import safetensors_shapes
 
@@ -49,18 +50,27 @@ METHODS: dict[str, dict[str, Any]] = {
     "freeze": {"freeze": {"trainableLayers": 1}},
     "full": {},
 }
-LEARNING_RATES = {
-    "full": 3e-3,
-    "freeze": 3e-3,
-    "lora": 1e-1,
-    "ia3": 1e-1,
-    "prompt": 1e-1,
-    "llama-adapter": 1e-1,
-}
-STEPS = 40
-# Virtual tokens and zero-initialised gates steer a random-weight base only weakly: for these the
-# test asks for a lower loss, not 5% lower.
-SLOW_LEARNERS = {"prompt", "p-tuning", "llama-adapter", "ia3"}
+LEARNING_RATES = {"full": 3e-3, "freeze": 3e-3, "ia3": 1e-1, "prompt": 1e-1, "llama-adapter": 3e-1}
+STEPS = 20
+# Loss-after / loss-before on the counting batch for every method, over 20 fresh initialisations and
+# training seeds: `python -m tests.trainer.measure_spread --tier tiny --out tests/trainer/data/tiny-spread.json`.
+SPREAD_FILE = Path(__file__).parent / "data" / "tiny-spread.json"
+
+
+def spread(method: str) -> dict[str, Any]:
+    measured: dict[str, Any] = json.loads(SPREAD_FILE.read_text())["methods"][method]
+    return measured
+
+
+def loss_ratio_threshold(method: str) -> float:
+    """Half the smallest drop the method showed over the measured seeds: learning must show.
+
+    A run passes with a loss ratio below ``1 - (1 - worst) / 2``. Measured over 20 initialisations
+    and seeds, the worst ratios run from 0.077 (full) to 0.894 (p-tuning), the thresholds from 0.538
+    to 0.947, and every threshold is at least 3.6 standard deviations above its method's mean
+    (p-tuning: mean 0.805, sd 0.039).
+    """
+    return 1 - (1 - float(spread(method)["worst_ratio"])) / 2
 
 
 def a_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
@@ -129,6 +139,13 @@ def untrained_model(job: Any, model_dir: Path, steps: int) -> Any:
     return apply_method(model, spec, context)
 
 
+def counting_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Two lines of the counting text, the fixed batch every method's loss is measured on."""
+    return dict(
+        tokenizer(["zero one two three four five", "two three four five six seven"], return_tensors="pt")
+    )
+
+
 def loss_on(model: Any, batch: dict[str, torch.Tensor]) -> float:
     model.eval()
     with torch.no_grad():
@@ -136,7 +153,7 @@ def loss_on(model: Any, batch: dict[str, torch.Tensor]) -> float:
 
 
 def counting_job(
-    model: Path, data_dir: Path, output: Path, method: dict[str, Any], rate: float, steps: int
+    model: Path, data_dir: Path, output: Path, method: dict[str, Any], rate: float, steps: int, seed: int = 7
 ) -> Any:
     """A job on the counting texts: a task even a random-weight base can learn in a few steps."""
     return cpu_job(
@@ -145,8 +162,14 @@ def counting_job(
         output,
         method=method,
         dataset={"format": "text"},
-        training={"learningRate": rate, "maxSteps": steps},
+        training={"learningRate": rate, "maxSteps": steps, "seed": seed},
     )
+
+
+def method_job(method: str, model: Path, data_dir: Path, output: Path, seed: int = 7) -> Any:
+    """The method test's job for one entry of METHODS (``qlora-8bit`` is qlora with 8 bits)."""
+    block = {"type": method.removesuffix("-8bit"), **copy.deepcopy(METHODS[method])}
+    return counting_job(model, data_dir, output, block, LEARNING_RATES.get(method, 3e-2), STEPS, seed)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -156,10 +179,7 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "out"
-    method_block = {"type": method.removesuffix("-8bit"), **copy.deepcopy(METHODS[method])}
-    job = counting_job(
-        tiny_llama_dir, data_dir, output, method_block, LEARNING_RATES.get(method, 3e-2), STEPS
-    )
+    job = method_job(method, tiny_llama_dir, data_dir, output)
     before = untrained_model(job, tiny_llama_dir, STEPS)
     if method == "adalora":
         with warnings.catch_warnings(record=True) as warned:  # only here: other methods' warnings stay shown
@@ -173,10 +193,9 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
         result = run_job(job)
 
     # Learning: the loss on a fixed batch of training text goes down, and every trained tensor moved.
-    batch = dict(
-        tokenizer(["zero one two three four five", "two three four five six seven"], return_tensors="pt")
-    )
-    assert loss_on(result.model, batch) < (1.0 if method in SLOW_LEARNERS else 0.95) * loss_on(before, batch)
+    batch = counting_batch(tokenizer)
+    ratio = loss_on(result.model, batch) / loss_on(before, batch)
+    assert ratio < loss_ratio_threshold(method), (ratio, spread(method))
     initial = {n: p.detach().clone() for n, p in before.named_parameters() if p.requires_grad}
     trained = dict(result.model.named_parameters())
     unchanged = [n for n, tensor in initial.items() if torch.equal(tensor, trained[n].detach())]
@@ -211,17 +230,24 @@ def test_each_method_learns_keeps_the_base_and_reloads_with_the_same_logits(
     assert result.manifest is not None and result.manifest["trainableParams"] == result.trainable_params
 
 
+def chain_job(model_dir: Path, data_dir: Path, output: Path, seed: int = 7) -> Any:
+    """Three rounds of LoRA, each merged into the base before the next starts."""
+    chain = {"type": "lora", **copy.deepcopy(METHODS["lora"]), "chain": {"rounds": 3}}
+    return counting_job(model_dir, data_dir, output, chain, 3e-2, 30, seed)
+
+
 def test_chain_of_lora_publishes_its_rounds_as_one_adapter_for_the_original_base(
     tiny_llama_dir: Path, data_dir: Path, tokenizer: Any, tmp_path: Path, run_job: Any
 ) -> None:
     import json
 
+    """Over 20 initialisations and seeds the late/early loss ratio was at worst 0.544 (mean 0.432,
+    sd 0.046; ``measure_spread --tier checks``): the test asks for half that drop, below 0.77."""
     output = tmp_path / "out"
-    chain = {"type": "lora", **copy.deepcopy(METHODS["lora"]), "chain": {"rounds": 3}}
-    job = counting_job(tiny_llama_dir, data_dir, output, chain, 1e-1, 30)
+    job = chain_job(tiny_llama_dir, data_dir, output)
     result = run_job(job)
-    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-    assert len(losses) == 30 and sum(losses[-5:]) < 0.95 * sum(losses[:5])
+    assert len(logged_losses(result.log_history)) == 30
+    assert late_to_early(result.log_history, 5) < 0.77
     assert json.loads((output / "adapter_config.json").read_text())["r"] == 3 * 8
     # Original base + the stacked adapter == the last round's model (a base with two rounds merged in, plus a LoRA).
     batch = a_batch(tokenizer)

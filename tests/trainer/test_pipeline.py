@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from tests.support.seaweedfs import SeaweedFS
-from tests.trainer.conftest import cpu_job
+from tests.trainer.conftest import cpu_job, late_to_early, logged_losses
 from tests.trainer.test_methods import logits_of, untrained_model
 
 pytestmark = pytest.mark.trainer
@@ -79,6 +79,33 @@ def test_a_pod_reads_model_and_data_from_s3_publishes_there_and_is_scraped_by_pr
     assert manifest["specHash"] == "spec-digest" and manifest["metrics"]["eval_loss"] > 0
     assert manifest["trainableParams"] == result.trainable_params
     assert manifest["job"] == {"name": "support-bot", "namespace": "ml"}
+    assert_every_trainer_panel_shows_the_run(prometheus)
+
+
+# A causal LM trained on a CPU has no classification metrics and no GPU memory to show.
+NOT_FOR_A_CPU_LANGUAGE_MODEL = {"Evaluation (classification)", "GPU memory"}
+
+
+def assert_every_trainer_panel_shows_the_run(prometheus: Any) -> None:
+    """Each trainer panel of the Grafana dashboard, as Grafana would send it, returns series from the real
+    Prometheus that scraped the run. Queried at the run's last scrape: once the trainer exits, Prometheus
+    marks its series stale and an instant query "now" returns nothing."""
+    from tests.deploy.test_dashboard import all_targets
+
+    samples = prometheus.query('kubetune_train_step{finetunejob="support-bot"}[10m]')
+    last_scrape = max(float(moment) for moment, _ in samples[0]["values"])
+    variables = {"$__rate_interval": "1m", "$__range": "10m", "$namespace": "ml", "$job": "support-bot"}
+    empty, checked = [], 0
+    for title, target in all_targets():
+        expr = target["expr"]
+        if "kubetune_train_" not in expr or title in NOT_FOR_A_CPU_LANGUAGE_MODEL:
+            continue
+        for variable, value in variables.items():
+            expr = expr.replace(variable, value)
+        checked += 1
+        if not prometheus.query(expr, at=last_scrape):
+            empty.append(f"{title}: {expr}")
+    assert checked >= 14 and empty == [], (checked, empty)
 
 
 def test_merged_lora_gives_the_logits_of_the_adapter(
@@ -156,7 +183,7 @@ def test_added_tokens_are_in_the_published_tokenizer_and_their_embeddings_train(
 
 
 def minilm_sentiment_job(
-    minilm_dir: Path, data_dir: Path, output: Path, steps: int, learning_rate: float
+    minilm_dir: Path, data_dir: Path, output: Path, steps: int, learning_rate: float, seed: int = 7
 ) -> Any:
     return cpu_job(
         minilm_dir,
@@ -168,13 +195,15 @@ def minilm_sentiment_job(
             "type": "lora",
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
         },
-        training={"maxSteps": steps, "learningRate": learning_rate, "batchSizePerDevice": 16},
+        training={"maxSteps": steps, "learningRate": learning_rate, "batchSizePerDevice": 16, "seed": seed},
     )
 
 
 def test_minilm_with_lora_for_seq_cls_beats_its_untrained_accuracy(
     minilm_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
 ) -> None:
+    """Over 20 seeds (``measure_spread --tier checks``) the trained accuracy was 1.0 every time and the
+    untrained one at most 0.683: the test asks for >= 0.9 and 0.2 above the untrained run."""
     # One step at a negligible rate: the pretrained encoder with a fresh head, as a baseline.
     untrained = run_job(
         minilm_sentiment_job(minilm_dir, data_dir, tmp_path / "baseline", 1, 1e-9), tmp_path / "w0"
@@ -185,53 +214,62 @@ def test_minilm_with_lora_for_seq_cls_beats_its_untrained_accuracy(
     assert 0 < trained.metrics["eval_f1"] <= 1
 
 
-@pytest.mark.parametrize(
-    ("task", "data", "columns"),
-    [
-        ("token-cls", "ner.jsonl", {"text": "tokens", "label": "ner_tags"}),
-        ("question-answering", "qa.jsonl", {}),
-    ],
-)
-def test_token_classification_and_question_answering_train_and_evaluate(
-    task: str,
-    data: str,
-    columns: dict[str, str],
-    minilm_dir: Path,
-    data_dir: Path,
-    tmp_path: Path,
-    run_job: Any,
-) -> None:
+HEAD_TASKS = {
+    "token-cls": ("ner.jsonl", {"text": "tokens", "label": "ner_tags"}),
+    "question-answering": ("qa.jsonl", {}),
+}
+
+
+HEAD_LOSS_RATIO_THRESHOLDS = {"token-cls": 0.89, "question-answering": 0.67}
+
+
+def head_job(task: str, minilm_dir: Path, data_dir: Path, output: Path, seed: int = 7) -> Any:
+    """LoRA on MiniLM with a fresh token-classification or extractive-QA head."""
+    data, columns = HEAD_TASKS[task]
     model: dict[str, Any] = {"task": task, **({"numLabels": 3} if task == "token-cls" else {})}
-    job = cpu_job(
+    return cpu_job(
         minilm_dir,
         data_dir / data,
-        tmp_path / "out",
+        output,
         model=model,
         dataset={"format": "text", "validationSplit": 0.2, "maxSeqLength": 48, "columns": columns},
         method={
             "type": "lora",
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["query", "value"]},
         },
-        training={"maxSteps": 30, "learningRate": 1e-2},
+        training={"maxSteps": 30, "learningRate": 1e-2, "seed": seed},
     )
-    result = run_job(job)
-    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-    assert sum(losses[-5:]) < sum(losses[:5])
-    assert result.metrics["eval_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("task", list(HEAD_TASKS))
+def test_token_classification_and_question_answering_train_and_evaluate(
+    task: str, minilm_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
+) -> None:
+    """Over 20 seeds (``measure_spread --tier checks``) the late/early loss ratio was at worst 0.794
+    (token-cls) and 0.342 (QA), eval accuracy at worst 0.986 and 1.0; the test asks for half the
+    smallest drop (below 0.89 and 0.67) and an accuracy above 0.9."""
+    result = run_job(head_job(task, minilm_dir, data_dir, tmp_path / "out"))
+    assert late_to_early(result.log_history, 5) < HEAD_LOSS_RATIO_THRESHOLDS[task]
+    assert result.metrics["eval_accuracy"] > 0.9
+
+
+def chat_packing_job(model_dir: Path, data_dir: Path, output: Path, seed: int = 7) -> Any:
+    return cpu_job(
+        model_dir,
+        data_dir / "chat.jsonl",
+        output,
+        method=LORA,
+        dataset={"format": "chat", "packing": True, "maxSeqLength": 256},
+        training={"maxSteps": 15, "gradientCheckpointing": True, "batchSizePerDevice": 4, "seed": seed},
+    )
 
 
 def test_chat_data_packed_and_trained_with_gradient_checkpointing(
     tiny_llama_dir: Path, data_dir: Path, tmp_path: Path, run_job: Any
 ) -> None:
-    job = cpu_job(
-        tiny_llama_dir,
-        data_dir / "chat.jsonl",
-        tmp_path / "out",
-        method=LORA,
-        dataset={"format": "chat", "packing": True, "maxSeqLength": 256},
-        training={"maxSteps": 15, "gradientCheckpointing": True, "batchSizePerDevice": 4},
-    )
-    result = run_job(job)
-    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-    assert len(losses) == 15 and sum(losses[-3:]) < sum(losses[:3])
+    """Over 20 initialisations and seeds the late/early loss ratio was at worst 0.768 (mean 0.686,
+    sd 0.029; ``measure_spread --tier checks``): the test asks for half that drop, below 0.88."""
+    result = run_job(chat_packing_job(tiny_llama_dir, data_dir, tmp_path / "out"))
+    assert len(logged_losses(result.log_history)) == 15
+    assert late_to_early(result.log_history, 3) < 0.88
     assert result.model.base_model.model.is_gradient_checkpointing
