@@ -24,7 +24,8 @@ import pytest
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Reason, parse_job
 from kubetune.api.validation import FieldError
 from kubetune.controller.conditions import find_condition
-from kubetune.controller.status import Observed, compute_status, invalid_status
+from kubetune.controller.observed import Observed
+from kubetune.controller.status import compute_status, invalid_status
 from kubetune.render.pytorchjob import SPEC_HASH_ANNOTATION
 from tests.builders import a_job
 from tests.support.argocd import INTERPRETERS, argocd_health

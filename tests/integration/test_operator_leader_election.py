@@ -57,7 +57,7 @@ def replicas(
         for i in range(2)
     ]
     started[0].start()
-    wait_for(lambda: logs_say(started[0], "leads: starting the watches"), timeout=30, description="a leader")
+    wait_for(lambda: logs_say(started[0], "leads: reconciling"), timeout=30, description="a leader")
     started[1].start()  # answers /healthz as a standby
     try:
         yield started
@@ -72,7 +72,7 @@ def test_only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
     leader, standby = replicas
     namespace = leader.namespace
     assert holder(cluster, namespace) is not None
-    assert not logs_say(standby, "leads: starting the watches"), "both replicas lead"
+    assert not logs_say(standby, "leads: reconciling"), "both replicas lead"
 
     create(cluster, a_manifest("first", namespace, suspend=True))
     wait_for_phase(cluster, namespace, "first", "Suspended")
@@ -82,7 +82,7 @@ def test_only_the_lease_holder_reconciles_and_a_standby_takes_over_when_it_dies(
     leader.kill()  # no hand-back: the standby waits for the Lease to expire
     killed_at = time.monotonic()
     wait_for(
-        lambda: logs_say(standby, "leads: starting the watches"),
+        lambda: logs_say(standby, "leads: reconciling"),
         timeout=LEASE_SECONDS * 3 + 10,
         description="the standby to take the Lease",
     )
@@ -100,7 +100,7 @@ def test_a_leader_that_stops_hands_the_lease_back_at_once(cluster: Cluster, repl
     leader.stop()  # SIGTERM, as on a rollout
     stopped_at = time.monotonic()
     wait_for(
-        lambda: logs_say(standby, "leads: starting the watches"),
+        lambda: logs_say(standby, "leads: reconciling"),
         timeout=LEASE_SECONDS * 3,
         description="the standby to take the Lease",
     )

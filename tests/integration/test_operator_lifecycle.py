@@ -759,3 +759,80 @@ def test_sigkill_at_random_points_leaves_exactly_one_pytorchjob_per_job(
         uid = job["metadata"]["uid"]
         pytorchjob = read_pytorchjob(cluster, namespace, job["metadata"]["name"])
         assert [o["uid"] for o in pytorchjob["metadata"]["ownerReferences"]] == [uid], f"seed {seed}"
+
+
+# --------------------------------------------------------------------------------------------- API writes
+
+
+def written_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
+    """kind/name -> resourceVersion of everything in the namespace the operator writes: the jobs (and their
+    status), the PyTorchJobs, the ConfigMaps, the Events on FineTuneJobs."""
+    serialise = cluster.api_client.sanitize_for_serialization
+    found: dict[str, str] = {}
+    for kind, items in (
+        ("FineTuneJob", jobs_in(cluster, namespace)),
+        ("PyTorchJob", pytorchjobs(cluster, namespace)),
+        ("ConfigMap", serialise(cluster.core.list_namespaced_config_map(namespace).items)),
+        (
+            "Event",
+            serialise(
+                cluster.core.list_namespaced_event(
+                    namespace, field_selector="involvedObject.kind=FineTuneJob"
+                ).items
+            ),
+        ),
+    ):
+        for item in items:
+            found[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    return found
+
+
+def test_a_resync_or_a_restart_that_finds_nothing_changed_writes_nothing(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """Settled (suspended) jobs through resyncs every second and a SIGKILL restart: not one object the
+    operator writes changes, no event is posted, and kopf leaves no state of its own on a job."""
+    namespace = operator.namespace
+    for index in range(3):
+        create(cluster, a_manifest(f"settled-{index}", namespace, suspend=True))
+    for index in range(3):
+        wait_for_phase(cluster, namespace, f"settled-{index}", "Suspended")
+    time.sleep(2)  # the events of the Suspended transition go out after the status
+    before = written_versions(cluster, namespace)
+    assert sum(key.startswith("Event/") for key in before) == 3, before
+    time.sleep(4)  # four resyncs at KUBETUNE_PROGRESS_INTERVAL_SECONDS=1
+    assert written_versions(cluster, namespace) == before, "a resync wrote"
+    operator.kill()
+    operator.start()
+    time.sleep(4)  # the relist, every job reconciled once, and resyncs after it
+    assert written_versions(cluster, namespace) == before, "a restart wrote"
+    for job in jobs_in(cluster, namespace):
+        assert not job["metadata"].get("finalizers"), job["metadata"]
+        assert not job["metadata"].get("annotations"), job["metadata"]
+
+
+def test_a_job_asking_for_more_gpus_than_any_node_has_says_so_in_the_schedulers_words(
+    cluster: Cluster, operator: Operator
+) -> None:
+    """The real kube-scheduler refuses a 16-GPU pod on the test cluster's 8-GPU nodes; after the operator's
+    limit (2 s here, 300 s by default) the job is Pending with reason Unschedulable and the scheduler's
+    message, and still Reconciling (waiting, not failed)."""
+    operator.stop()
+    operator.extra_env["KUBETUNE_UNSCHEDULABLE_AFTER_SECONDS"] = "2"
+    operator.start()
+    namespace, name = operator.namespace, "too-big"
+    manifest = a_job(name).on(nodes=1, gpus=16).as_manifest()
+    manifest["metadata"]["namespace"] = namespace
+    create(cluster, manifest)
+
+    def unschedulable() -> bool:
+        ready = condition(read(cluster, namespace, name), "Ready") or {}
+        return ready.get("reason") == "Unschedulable"
+
+    wait_for(unschedulable, timeout=90, description=f"{name}'s Ready reason Unschedulable")
+    job = read(cluster, namespace, name)
+    assert job["status"]["phase"] == "Pending"
+    assert "Insufficient nvidia.com/gpu" in job["status"]["message"], job["status"]["message"]
+    assert "spec.resources.gpusPerNode" in job["status"]["message"]
+    assert status_condition(job, "Reconciling")["status"] == "True"
+    assert status_condition(job, "Stalled")["status"] == "False"

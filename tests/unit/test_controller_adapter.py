@@ -9,7 +9,8 @@ import pytest
 
 from kubetune.api.v1alpha1 import FineTuneJobStatus, Phase
 from kubetune.controller.adapter import MAX_SUMMARY_BYTES, parse_adapter_summary, reported_adapter
-from kubetune.controller.status import Observed, compute_status
+from kubetune.controller.observed import Observed
+from kubetune.controller.status import compute_status
 from tests.unit.test_controller_status import T1, T2, a_pod, a_pytorchjob, job
 
 URI = "s3://adapters/demo/"

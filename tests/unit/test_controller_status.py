@@ -9,17 +9,12 @@ import pytest
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress, Reason, parse_job
 from kubetune.api.validation import FieldError
+from kubetune.controller.changes import without_cost
 from kubetune.controller.conditions import find_condition, set_condition
-from kubetune.controller.kube import without_cost
-from kubetune.controller.status import (
-    PEER_LOST_EXIT,
-    Observed,
-    classify_failure,
-    classify_termination,
-    compute_status,
-    gpu_seconds,
-    invalid_status,
-)
+from kubetune.controller.cost import gpu_seconds
+from kubetune.controller.failures import PEER_LOST_EXIT, classify_failure, classify_termination
+from kubetune.controller.observed import Observed
+from kubetune.controller.status import compute_status, invalid_status
 from kubetune.render import RenderConfig
 from kubetune.render.pytorchjob import (
     SPEC_GENERATION_ANNOTATION,
@@ -655,7 +650,7 @@ def test_gpu_seconds_never_go_down_when_a_pod_vanishes_unseen() -> None:
 
 
 def test_a_restart_is_announced_with_the_failures_reason_and_the_end_with_the_same_reason() -> None:
-    from kubetune.controller.kube import Transition, transition_events
+    from kubetune.controller.changes import Transition, transition_events
 
     the_job = job_with_backoff(1)
     dead = a_pod(uid="a", phase="Failed", terminated={**OOM, "finishedAt": T1})
@@ -800,7 +795,7 @@ def test_a_peer_lost_seen_before_its_cause_is_one_restart_and_the_cause_replaces
 def test_the_cause_that_replaces_a_peer_lost_gets_an_event_of_its_own() -> None:
     """The restart's Warning named PeerLost, the first failure seen; when the OOM-killed worker shows up,
     `kubectl describe` says so too, once."""
-    from kubetune.controller.kube import Transition, transition_events
+    from kubetune.controller.changes import Transition, transition_events
 
     the_job = three_node_job()
     worker, master, other = node_loss(1, T1)

@@ -8,7 +8,9 @@ import pytest
 
 from kubetune.api.v1alpha1 import FineTuneJobStatus, Phase, Reason
 from kubetune.controller.conditions import find_condition
-from kubetune.controller.status import RETRYABLE_EXIT, Observed, classify_termination, compute_status
+from kubetune.controller.failures import RETRYABLE_EXIT, classify_termination
+from kubetune.controller.observed import Observed
+from kubetune.controller.status import compute_status
 from kubetune_trainer.termination import (
     EXIT_TRANSIENT,
     OOM_HINT,

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubetune.controller.startup import StartLimits
 from kubetune.render import RenderConfig
 
 
@@ -28,16 +29,20 @@ class OperatorConfig(BaseSettings):
     progress_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     """KUBETUNE_PROGRESS_TIMEOUT_SECONDS: how long one read of a trainer's /metrics may take."""
     workers: Annotated[int, Field(ge=1, le=64)] = 32
-    """KUBETUNE_WORKERS: how many jobs are reconciled at once. Each waits on the API server most of the time:
-    with 1000 jobs submitted at once (bench.operator_scale, 2 cores), the p99 from FineTuneJob to PyTorchJob
-    was 29.7 s with 8 workers, 16.9 s with 16 and 7.5 s with 32, at about the same CPU; with 64 it was 24.8 s
-    again, the API server slowed by the writes in flight (a create call's p50 0.56 s, against 0.24 s without the
-    operator)."""
+    """KUBETUNE_WORKERS: how many jobs are reconciled at once. Each waits on the API server most of the time;
+    past 32, the writes in flight slow the API server more than they add (docs/architecture.md)."""
     progress_host: str | None = None
     """KUBETUNE_PROGRESS_HOST: read progress from this host instead of the master pod's IP.
 
     For a cluster whose pod network the operator cannot reach (a port-forward, the test control plane).
     """
+
+    image_pull_grace_seconds: Annotated[float, Field(ge=0, le=86400)] = StartLimits.image_pull_grace_seconds
+    """KUBETUNE_IMAGE_PULL_GRACE_SECONDS: how long a pod may fail to pull its image before the status says so."""
+    unschedulable_after_seconds: Annotated[float, Field(ge=0, le=86400)] = (
+        StartLimits.unschedulable_after_seconds
+    )
+    """KUBETUNE_UNSCHEDULABLE_AFTER_SECONDS: how long the scheduler may refuse a pod before the status says so."""
 
     leader_election: bool = False
     """KUBETUNE_LEADER_ELECTION: reconcile only while holding a Lease; other replicas wait as standbys."""
@@ -63,6 +68,10 @@ class OperatorConfig(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @property
+    def start_limits(self) -> StartLimits:
+        return StartLimits(self.image_pull_grace_seconds, self.unschedulable_after_seconds)
 
     @property
     def render(self) -> RenderConfig:

@@ -1,7 +1,7 @@
 """The side of the operator that talks to the API server: create or adopt children, write status, post events.
 
-Reads of a job's children come from the watches (see store.py); this module reads only what a watch cannot
-have yet. Every write is idempotent or conditional, so a retry or an operator restart at any point converges
+Reads of a job's children come from kopf's indexes (see handlers.py); this module reads only what a watch
+cannot have yet. Every write is idempotent or conditional, so a retry or an operator restart at any point converges
 on exactly one ConfigMap and one PyTorchJob per FineTuneJob.
 """
 
@@ -27,19 +27,18 @@ from kubetune.api.v1alpha1 import (
     KIND,
     PLURAL,
     VERSION,
-    ConditionType,
     FineTuneJob,
     FineTuneJobStatus,
-    Phase,
     Progress,
-    Reason,
 )
-from kubetune.controller.conditions import find_condition, utc_now
+from kubetune.controller.changes import status_patch
+from kubetune.controller.children import Children
+from kubetune.controller.conditions import utc_now
 from kubetune.controller.config import OperatorConfig
+from kubetune.controller.observed import Observed
 from kubetune.controller.pods import is_master
 from kubetune.controller.progress import parse_progress
-from kubetune.controller.status import Observed, describe_failure
-from kubetune.controller.store import Children
+from kubetune.controller.queueing import queue_writes
 from kubetune.render import build_all
 from kubetune.render.labels import JOB_NAME, MANAGED_BY, owner_references, pytorchjob_name
 
@@ -55,7 +54,7 @@ EVENT_SOURCE = "kubetune-operator"
 MAX_EVENT_MESSAGE = 1024
 LEGACY_FINALIZER = "kubetune.io/finalizer"
 """Earlier versions put this finalizer on every job; nothing needs it now, and a job that keeps it could
-never be deleted, so the operator lifts it from each job it sees."""
+never be deleted: it is kopf's finalizer setting, so kopf lifts it from each job it sees (handlers.py)."""
 CORE_PREFIX = "/api/v1"
 CONFIGMAPS = "/namespaces/{namespace}/configmaps"
 CONFIGMAP = CONFIGMAPS + "/{name}"
@@ -115,97 +114,6 @@ def api_request(
     return response
 
 
-def without_status(body: Mapping[str, Any]) -> Manifest:
-    """The parts of a FineTuneJob the spec model validates."""
-    return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
-
-
-def stored_status(body: Mapping[str, Any]) -> FineTuneJobStatus:
-    """The status as stored; a status this version cannot read starts over rather than blocking the job."""
-    try:
-        return FineTuneJobStatus.model_validate(body.get("status") or {})
-    except ValueError:
-        return FineTuneJobStatus()
-
-
-def status_patch(new: FineTuneJobStatus, current: FineTuneJobStatus) -> Manifest:
-    """A merge patch that turns `current` into `new`: fields gone from `new` are set to null."""
-    wire = new.to_wire()
-    for key in current.to_wire():
-        wire.setdefault(key, None)
-    return wire
-
-
-@dataclass(frozen=True)
-class Transition:
-    """What changed in one status write, for the events that follow it."""
-
-    body: Manifest
-    before: FineTuneJobStatus
-    after: FineTuneJobStatus
-
-
-def without_cost(status: FineTuneJobStatus) -> FineTuneJobStatus:
-    """The status without the GPU seconds of running pods, which grow every second: they are written
-    along with every other change (progress, a phase, a restart), never on their own."""
-    return status.model_copy(update={"gpu_seconds": None})
-
-
-def transition_events(change: Transition) -> list[tuple[str, str, str]]:
-    """(type, reason, message) of the events a status change deserves: phase changes, restarts, new stalls.
-
-    A new job's first phase, Pending, gets none: every job starts there, and the event would be one more
-    API write per job for nothing `kubectl get` does not show.
-    """
-    before, after = change.before, change.after
-    events: list[tuple[str, str, str]] = []
-    last = after.last_failure
-    if (after.restarts or 0) > (before.restarts or 0) and last is not None:
-        events.append(
-            ("Warning", last.reason, f"{describe_failure(last)}; replaced (restart {after.restarts})")
-        )
-    elif _cause_found(before, after) and last is not None:
-        events.append(
-            ("Warning", last.reason, f"{describe_failure(last)}: the cause of restart {after.restarts}")
-        )
-    stalled_before = find_condition(before.conditions, ConditionType.STALLED)
-    stalled_after = find_condition(after.conditions, ConditionType.STALLED)
-    if (
-        stalled_after is not None
-        and stalled_after.status == "True"
-        and (
-            stalled_before is None
-            or stalled_before.status != "True"
-            or stalled_before.reason != stalled_after.reason
-        )
-    ):
-        events.append(("Warning", stalled_after.reason, stalled_after.message))
-    if after.phase != before.phase and after.phase is not None:
-        if after.phase is Phase.FAILED:
-            failed = find_condition(after.conditions, ConditionType.FAILED)
-            if not (stalled_after is not None and stalled_after.status == "True"):
-                reason = failed.reason if failed else "Failed"
-                events.append(("Warning", reason, after.message or ""))
-        elif not (before.phase is None and after.phase is Phase.PENDING):
-            events.append(("Normal", after.phase.value, after.message or ""))
-    return events
-
-
-def _cause_found(before: FineTuneJobStatus, after: FineTuneJobStatus) -> bool:
-    """A restart announced as PeerLost (a survivor's failure, seen first) whose cause, another pod's
-    failure, has just replaced it in lastFailure: `kubectl describe` should show the cause too."""
-    old, new = before.last_failure, after.last_failure
-    return (
-        old is not None
-        and new is not None
-        and old.reason == Reason.PEER_LOST
-        and new.reason != Reason.PEER_LOST
-        and new.pod_uid != old.pod_uid
-        and after.restarts == before.restarts
-        and after.phase == before.phase
-    )
-
-
 @dataclass
 class Kube:
     """The API clients of one operator process."""
@@ -229,9 +137,9 @@ class Kube:
         """A request to the core group (`/api/v1` + `path`, whose `{placeholders}` are filled from `names`);
         the answer as parsed JSON. Raises ApiException on an error status, as the generated clients do.
 
-        Not through the client's CoreV1Api: its module and the models it imports cost a second of CPU and
-        19 MiB per process, 13% of a restart's CPU at a thousand jobs, for five calls whose answers are read
-        as plain JSON anyway. The ApiClient underneath still does authentication, TLS and retries.
+        Not through the client's CoreV1Api, whose module and models cost start-up time and memory for five
+        calls whose answers are read as plain JSON anyway (docs/architecture.md). The ApiClient underneath
+        still does authentication, TLS and retries.
         """
         response = api_request(self.api_client, method, CORE_PREFIX + path, body=body, names=names)
         data = response.read()  # type: ignore[no-untyped-call]
@@ -349,11 +257,10 @@ class Kube:
             existing,
             patch=lambda body: self._patch_pytorchjob(job, body),
         )
-        suspended = bool(((existing.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
-        if suspended != job.spec.run_policy.suspend:
-            return self._patch_pytorchjob(
-                job, {"spec": {"runPolicy": {"suspend": job.spec.run_policy.suspend}}}
-            )
+        # Suspend follows the spec, except that a queued job's PyTorchJob is un-suspended by Kueue alone.
+        suspend = queue_writes(job, existing, None).pytorchjob_suspend
+        if suspend is not None:
+            return self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": suspend}}})
         return existing
 
     def _patch_pytorchjob(self, job: FineTuneJob, body: Manifest) -> Manifest:
@@ -413,14 +320,6 @@ class Kube:
             raise RetryLater(f"{kind} {name} still belongs to an earlier job of this name", delay=2)
         if not owners and ours:
             patch({"metadata": {"ownerReferences": ours}})
-
-    def lift_legacy_finalizer(self, body: Manifest) -> Manifest:
-        """Remove LEGACY_FINALIZER from the job, on condition that it is still where it was seen (a JSON
-        patch `test`: other finalizers may come and go meanwhile); returns the job as written."""
-        metadata = body["metadata"]
-        at = f"/metadata/finalizers/{metadata['finalizers'].index(LEGACY_FINALIZER)}"
-        patch = [{"op": "test", "path": at, "value": LEGACY_FINALIZER}, {"op": "remove", "path": at}]
-        return self._patch_job(metadata, patch, "application/json-patch+json")
 
     def stop_pytorchjob(self, job: FineTuneJob) -> Manifest:
         """Suspend the PyTorchJob of a job that ended Failed while its pods still run: the training

@@ -1,10 +1,14 @@
 """Leader election on a coordination.k8s.io Lease, so that standby replicas wait instead of reconciling.
 
+Kept beside kopf because kopf peering elects no leader: replicas of one priority all pause, and a replica
+given a higher one blocks the others for the peering lifetime (60 s) after it dies, where a Lease hands
+over in its duration (15 s), or at once on SIGTERM.
+
 The election itself is the kubernetes client's `LeaderElection` with a `LeaseLock` (the same Lease protocol
 as client-go: holder, duration, renew time, optimistic concurrency on resourceVersion). What this module adds
 is what an operator needs around it:
 
-- a standby answers its liveness probe (`/healthz`) while it waits;
+- a standby runs kopf (its watches and liveness probe) and reconciles nothing until it leads;
 - a leader that cannot renew its Lease exits at once (as controller-runtime does), before a standby can take
   over, so two replicas never reconcile together; Kubernetes restarts the container as a new standby;
 - a leader that stops on its own (SIGTERM on a rollout) hands the Lease back, so its successor starts at once
@@ -27,8 +31,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
-
-from kubetune.controller.health import serve_health
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +118,40 @@ def release(settings: LeaseSettings) -> None:
         )
 
 
-def run_as_leader(settings: LeaseSettings, run: Callable[[], None], health_port: int = 0) -> None:
-    """Wait as a standby until this process holds the Lease, then ``run()``; release the Lease when it returns."""
-    leading, stopped = threading.Event(), threading.Event()
-    election = leaderelection.LeaderElection(  # type: ignore[no-untyped-call]
-        electionconfig.Config(  # type: ignore[no-untyped-call]
-            _StoppableLeaseLock(settings, stopped, service_account_owner(settings.namespace)),
-            lease_duration=settings.lease_duration_seconds,
-            renew_deadline=settings.renew_deadline_seconds,
-            retry_period=settings.retry_period_seconds,
-            onstarted_leading=leading.set,
-            onstopped_leading=lambda: _exit_lost_lease(stopped),
+class LeaseHolder:
+    """Competes for the Lease in a thread; calls `on_leading` once this process holds it."""
+
+    def __init__(self, settings: LeaseSettings, on_leading: Callable[[], object]) -> None:
+        self.settings, self.on_leading = settings, on_leading
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        election = leaderelection.LeaderElection(  # type: ignore[no-untyped-call]
+            electionconfig.Config(  # type: ignore[no-untyped-call]
+                _StoppableLeaseLock(
+                    self.settings, self._stopped, service_account_owner(self.settings.namespace)
+                ),
+                lease_duration=self.settings.lease_duration_seconds,
+                renew_deadline=self.settings.renew_deadline_seconds,
+                retry_period=self.settings.retry_period_seconds,
+                onstarted_leading=self._lead,
+                onstopped_leading=lambda: _exit_lost_lease(self._stopped),
+            )
         )
-    )
-    log.info(
-        "standby %s: waiting for the leader lease %s/%s", settings.identity, settings.namespace, settings.name
-    )
-    with serve_health(health_port, "standby: waiting for the leader lease"):
+        log.info(
+            "standby %s: waiting for the leader lease %s/%s",
+            self.settings.identity,
+            self.settings.namespace,
+            self.settings.name,
+        )
         threading.Thread(target=election.run, name="leader-election", daemon=True).start()
-        leading.wait()
-    log.info("%s leads: starting the watches", settings.identity)
-    try:
-        run()
-    finally:
-        stopped.set()
-        release(settings)
+
+    def _lead(self) -> None:
+        log.info("%s leads: reconciling", self.settings.identity)
+        self.on_leading()
+
+    def stop(self) -> None:
+        """Stop competing, and hand the Lease back if this process holds it (once)."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            release(self.settings)

@@ -1,62 +1,64 @@
-"""The reconcile loop: watch events fill the store and queue the job; workers bring one job at a time to
-where its spec and children say it should be.
+"""The reconcile of one FineTuneJob: bring it to where its spec and children say it should be.
 
 Level-triggered, as Kubernetes controllers are: a reconcile does not ask what happened, only what is. It
-creates or adopts the children a job lacks, computes the status from the store and writes it only when it
-changed. Events of one job that arrive while it waits are folded into one reconcile; a failed reconcile is
-retried after a growing delay; a resync every progress interval reads the trainers' progress and catches
-anything a watch missed.
+creates or adopts the children a job lacks, computes the status from what kopf's indexes hold (handlers.py
+fills them from its watches) and writes it only when it changed. Runs in worker threads (handlers.Dispatch);
+one job is never reconciled by two threads at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress
 from kubetune.api.validation import FieldError, validate_manifest
-from kubetune.controller import metrics
-from kubetune.controller.conditions import utc_now
-from kubetune.controller.config import OperatorConfig
-from kubetune.controller.kube import (
-    CONFLICT,
-    LEGACY_FINALIZER,
-    NOT_FOUND,
-    Kube,
-    RetryLater,
+from kubetune.controller.changes import (
     Transition,
     stored_status,
     transition_events,
     without_cost,
     without_status,
 )
-from kubetune.controller.status import (
-    TERMINAL_PHASES,
-    JobState,
-    Observed,
-    compute_status,
-    invalid_status,
-    pytorchjob_state,
+from kubetune.controller.children import (
+    Children,
+    JobKey,
+    Manifest,
+    belongs_to,
+    is_newer,
+    later,
+    trimmed,
 )
-from kubetune.controller.store import JobKey, Manifest, Store, job_key, owner_key
-from kubetune.controller.workqueue import WorkQueue
+from kubetune.controller.conditions import utc_now
+from kubetune.controller.config import OperatorConfig
+from kubetune.controller.kube import CONFLICT, NOT_FOUND, Kube, RetryLater
+from kubetune.controller.observed import TERMINAL_PHASES, JobState, Observed, pytorchjob_state
+from kubetune.controller.pods import pod_uid
+from kubetune.controller.status import compute_status, invalid_status
 from kubetune.render.pytorchjob import spec_hash
 
 STATUS_WRITE_ATTEMPTS = 5
-STOP_SECONDS = 20.0
-"""How long a stopping operator waits for reconciles in flight."""
-DELETED = "DELETED"
 TERMINAL_VALUES = tuple(phase.value for phase in TERMINAL_PHASES)
 
 log = logging.getLogger("kubetune.operator")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What kopf's indexes hold of one job now: the job, its PyTorchJob, its live pods."""
+
+    job: Manifest | None
+    pytorchjob: Manifest | None
+    pods: tuple[Manifest, ...]
+
+
+Look = Callable[[JobKey], Seen]
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,7 @@ class Spec:
 
     def digest(self) -> str:
         """spec_hash of the job, rendered when first asked for (most reconciles never need it: see
-        status.made_from_this_generation) and then kept: rendering the spec document on every status
-        compute was 7% of the CPU."""
+        status.made_from_this_generation) and then kept."""
         return self._digest
 
     @cached_property
@@ -81,137 +82,146 @@ class Spec:
 
 
 class Reconciler:
-    """The store, the queue, the workers and the resync of one operator process."""
+    """Reconciles jobs; holds what kopf's indexes cannot: the answers of our own writes until the watches
+    bring them, and the final state of deleted pods until a status has counted them."""
 
-    def __init__(self, kube: Kube, settings: OperatorConfig) -> None:
-        self.kube, self.settings = kube, settings
-        self.store = Store()
-        self.queue: WorkQueue[JobKey] = WorkQueue(waited=metrics.queue_waited)
+    def __init__(self, kube: Kube, settings: OperatorConfig, look: Look) -> None:
+        self.kube, self.settings, self.look = kube, settings, look
+        self.requeue: Callable[[JobKey], None] = lambda key: None
+        """Reconcile the job again soon (set by handlers.Dispatch)."""
+        self.first_waiting: Callable[[], bool] = lambda: False
+        """Whether a new job waits for its children (set by handlers.Dispatch)."""
+        self._written_jobs: dict[JobKey, Manifest] = {}
+        self._written_pytorchjobs: dict[JobKey, Manifest] = {}
+        self._deleted_pods: dict[JobKey, dict[str, Manifest]] = {}
         self._specs: dict[JobKey, Spec] = {}
         self._statuses: dict[JobKey, tuple[str, FineTuneJobStatus]] = {}
         self._progress: dict[JobKey, Progress] = {}
         """Progress read from a trainer, waiting for the job's next reconcile to write it."""
         self._reading: set[JobKey] = set()
-        # Reads of the trainers' /metrics run beside the workers, not in them: a pod network that drops the
-        # operator's packets makes each read wait its full timeout, and that must not hold up the reconciles.
+        self._busy: dict[JobKey, threading.Lock] = {}
+        # Reads of the trainers' /metrics run beside the reconciles, not in them: a pod network that drops
+        # the operator's packets makes each read wait its full timeout, and that must not hold them up.
         self._readers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="progress")
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._threads: list[threading.Thread] = []
-        metrics.QUEUE_DEPTH.set_function(lambda: float(self.queue.depth()))
-        metrics.count_job_phases(self.store.phases)
-
-    def start(self) -> None:
-        for index in range(self.settings.workers):
-            self._threads.append(threading.Thread(target=self._work, name=f"reconcile-{index}", daemon=True))
-        self._threads.append(threading.Thread(target=self._resync, name="resync", daemon=True))
-        for thread in self._threads:
-            thread.start()
 
     def stop(self) -> None:
-        """Let the workers finish the job they are on (a status write is not cut in half), then return."""
-        self._stopped.set()
-        self.queue.shut_down()
         self._readers.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + STOP_SECONDS
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    # -------------------------------------------------------------------------------- watch events
+    # ------------------------------------------------------------------------- what the handlers tell
 
-    def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        key = job_key(body)
-        metrics.WATCH_EVENTS.labels(kind="FineTuneJob").inc()
-        if event_type == DELETED:
-            self.store.drop_job(key)
-            with self._lock:
-                self._specs.pop(key, None)
-                self._statuses.pop(key, None)
-                self._progress.pop(key, None)
-        elif not self.store.put_job(body):
-            return  # the echo of our own status write, or a late event: nothing new to act on
-        elif not self._threads:
-            # The workers wait for every first list; while the children's lists are still coming, validate
-            # the specs they will need (at a thousand jobs, a fifth of a restart's CPU).
-            self._spec(key, dict(body))
-        self.queue.add(key, first=event_type != DELETED and self._awaits_children(key, body))
+    def job_is_news(self, key: JobKey, body: Manifest) -> bool:
+        """Whether a watch event of the job says something our own last write did not (its echo does not)."""
+        with self._lock:
+            written = self._written_jobs.get(key)
+            if written is not None and not is_newer(body, written):
+                return False
+            self._written_jobs.pop(key, None)
+        return True
 
-    def _awaits_children(self, key: JobKey, body: Mapping[str, Any]) -> bool:
-        """A job submitted and not yet given its PyTorchJob: its reconcile goes ahead of the others."""
+    def awaits_children(self, key: JobKey, body: Manifest) -> bool:
+        """A job submitted and not yet given its PyTorchJob."""
         return (
             not (body.get("status") or {}).get("phase")
             and not (body.get("metadata") or {}).get("deletionTimestamp")
-            and not self.store.has_pytorchjob(key)
+            and self._pytorchjob(key, self.look(key)) is None
         )
 
-    def pytorchjob_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        self._child_event(
-            "PyTorchJob", event_type, body, self.store.put_pytorchjob, self.store.drop_pytorchjob
+    def job_deleted(self, key: JobKey) -> None:
+        """The FineTuneJob is gone; the garbage collector removes its children."""
+        with self._lock:
+            self._written_jobs.pop(key, None)
+            self._specs.pop(key, None)
+            self._statuses.pop(key, None)
+            self._progress.pop(key, None)
+            self._written_pytorchjobs.pop(key, None)
+            self._deleted_pods.pop(key, None)
+            self._busy.pop(key, None)
+
+    def pytorchjob_is_news(self, key: JobKey, body: Manifest, deleted: bool) -> bool:
+        with self._lock:
+            written = self._written_pytorchjobs.get(key)
+            if deleted:
+                if written is not None and written["metadata"].get("uid") == body["metadata"].get("uid"):
+                    del self._written_pytorchjobs[key]
+                return True
+            if written is not None and not is_newer(body, written):
+                return False
+            self._written_pytorchjobs.pop(key, None)
+        return True
+
+    def pod_deleted(self, key: JobKey, body: Manifest) -> None:
+        """A deleted pod waits, in its final state, for a status to count it (restarts, GPU seconds)."""
+        with self._lock:
+            self._deleted_pods.setdefault(key, {})[pod_uid(body)] = trimmed(body)
+
+    # ------------------------------------------------------------------------------------ what is seen
+
+    def _job(self, key: JobKey, seen: Seen) -> Manifest | None:
+        if seen.job is None:
+            return None  # deleted: an answer of ours from before does not bring it back
+        with self._lock:
+            return later(seen.job, self._written_jobs.get(key))
+
+    def _pytorchjob(self, key: JobKey, seen: Seen) -> Manifest | None:
+        with self._lock:
+            return later(seen.pytorchjob, self._written_pytorchjobs.get(key))
+
+    def _children(self, key: JobKey, seen: Seen) -> Children:
+        """The job's PyTorchJob and that PyTorchJob's pods (see children.belongs_to)."""
+        pytorchjob = self._pytorchjob(key, seen)
+        with self._lock:
+            deleted = tuple((self._deleted_pods.get(key) or {}).values())
+        live = {pod_uid(p) for p in seen.pods}
+        return Children(
+            pytorchjob=pytorchjob,
+            pods=tuple(p for p in seen.pods if belongs_to(p, pytorchjob)),
+            deleted_pods=tuple(p for p in deleted if belongs_to(p, pytorchjob) and pod_uid(p) not in live),
         )
 
-    def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        self._child_event("Pod", event_type, body, self.store.put_pod, self.store.drop_pod)
+    def _accounted(self, key: JobKey, children: Children) -> None:
+        """These deleted pods are in the job's status now: forget them, and any deleted pod of a
+        predecessor's PyTorchJob, which no status will ever take."""
+        with self._lock:
+            waiting = self._deleted_pods.get(key)
+            if not waiting:
+                return
+            for pod in children.deleted_pods:
+                waiting.pop(pod_uid(pod), None)
+            for uid, pod in list(waiting.items()):
+                if not belongs_to(pod, children.pytorchjob):
+                    del waiting[uid]
+            if not waiting:
+                del self._deleted_pods[key]
 
-    def _child_event(
-        self,
-        kind: str,
-        event_type: str | None,
-        body: Mapping[str, Any],
-        put: Callable[[JobKey, Mapping[str, Any]], bool],
-        drop: Callable[[JobKey, Mapping[str, Any]], None],
-    ) -> None:
-        """A child of ours changed: store it under its job, and queue the job (not for the echo of a
-        PyTorchJob we created or patched: the store has the answer already)."""
-        if (key := owner_key(body)) is None:
-            return
-        metrics.WATCH_EVENTS.labels(kind=kind).inc()
-        if event_type == DELETED:
-            drop(key, body)
-        elif not put(key, body):
-            return
-        self.queue.add(key)
+    # ---------------------------------------------------------------------------------------- resync
 
-    # ------------------------------------------------------------------------------------- workers
-
-    def _work(self) -> None:
-        while (key := self.queue.get()) is not None:
-            try:
-                with metrics.reconcile("FineTuneJob"):
-                    self.reconcile(key)
-                self.queue.forget(key)
-            except RetryLater as error:
-                log.warning(f"{key[0]}/{key[1]}: {error}")
-                self.queue.add_after(key, error.delay)
-            except Exception as error:  # any failure is retried: the loop must go on
-                delay = self.queue.retry(key)
-                log.warning(f"{key[0]}/{key[1]}: reconcile failed, retrying in {delay:.1f} s: {error!r}")
-            finally:
-                self.queue.done(key)
-
-    def _resync(self) -> None:
-        """Every progress interval: each unfinished job once more; a running one after its trainer's
-        progress has been read."""
-        while not self._stopped.wait(self.settings.progress_interval_seconds):
-            for key in self.store.job_keys():
-                body = self.store.job(key)
-                phase = ((body or {}).get("status") or {}).get("phase")
-                if body is None or phase in TERMINAL_VALUES:
-                    continue
-                if phase != Phase.RUNNING.value:
-                    self.queue.add(key)
-                    continue
-                with self._lock:
-                    if key in self._reading:
-                        continue  # the last read has not come back yet
-                    self._reading.add(key)
-                self._readers.submit(self._read_progress, key)
+    def resync(self, keys: list[JobKey]) -> list[JobKey]:
+        """Every progress interval: the unfinished jobs to reconcile again (returned); a running one's
+        trainer progress is read first, and the job reconciled after the read."""
+        due: list[JobKey] = []
+        for key in keys:
+            body = self._job(key, self.look(key))
+            phase = ((body or {}).get("status") or {}).get("phase")
+            if body is None or phase in TERMINAL_VALUES:
+                continue
+            if phase != Phase.RUNNING.value:
+                due.append(key)
+                continue
+            with self._lock:
+                if key in self._reading:
+                    continue  # the last read has not come back yet
+                self._reading.add(key)
+            self._readers.submit(self._read_progress, key)
+        return due
 
     def _read_progress(self, key: JobKey) -> None:
         try:
-            body = self.store.job(key)
+            seen = self.look(key)
+            body = self._job(key, seen)
             spec = self._spec(key, body) if body is not None else None
             if spec is not None and spec.job is not None:
-                children = self.store.children(key)
+                children = self._children(key, seen)
                 observed = Observed(pytorchjob=children.pytorchjob, pods=children.pods)
                 if (progress := self.kube.read_progress(spec.job, observed)) is not None:
                     with self._lock:
@@ -221,32 +231,35 @@ class Reconciler:
         finally:
             with self._lock:
                 self._reading.discard(key)
-            self.queue.add(key)
+            self.requeue(key)
 
     # ----------------------------------------------------------------------------------- reconcile
 
     def reconcile(self, key: JobKey) -> None:
-        body = self.store.job(key)
+        with self._lock:
+            busy = self._busy.setdefault(key, threading.Lock())
+        with busy:
+            self._reconcile(key)
+
+    def _reconcile(self, key: JobKey) -> None:
+        seen = self.look(key)
+        body = self._job(key, seen)
         if body is None:
-            self.store.forget_children(key)
             return
-        if LEGACY_FINALIZER in ((body.get("metadata") or {}).get("finalizers") or []):
-            body = self.kube.lift_legacy_finalizer(body)
-            self.store.put_job(body)
         spec = self._spec(key, body)
         current = self._status(key, body)
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
-            known = self.store.children(key).pytorchjob
+            known = self._pytorchjob(key, seen)
             pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
             if pytorchjob is not known:
-                self.store.put_pytorchjob(key, pytorchjob)
-                if known is None and current.phase is None and self.queue.first_waiting():
+                with self._lock:
+                    self._written_pytorchjobs[key] = trimmed(pytorchjob)
+                if known is None and current.phase is None and self.first_waiting():
                     # Other new jobs wait for their children. Their PyTorchJobs come before this job's
                     # Pending status: in a burst of submissions, training starts sooner, and the statuses
-                    # follow once the burst is served. Each worker would otherwise make three writes per
-                    # job instead of two while new jobs queue.
-                    self.queue.add(key)
+                    # follow once the burst is served.
+                    self.requeue(key)
                     return
         self._sync_status(key)
 
@@ -283,7 +296,7 @@ class Reconciler:
         return status
 
     def _sync_status(self, key: JobKey) -> None:
-        """Compute the status from the store and write it when more than gpuSeconds changed.
+        """Compute the status from what is seen and write it when more than gpuSeconds changed.
 
         The write is conditional on the resourceVersion it was computed from; when someone wrote in between
         (the user changed spec.runPolicy.suspend) the job is read afresh and the status computed again.
@@ -291,21 +304,24 @@ class Reconciler:
         with self._lock:
             progress = self._progress.pop(key, None)
         for _ in range(STATUS_WRITE_ATTEMPTS):
-            body = self.store.job(key)
+            seen = self.look(key)
+            body = self._job(key, seen)
             if body is None:
                 return
             spec = self._spec(key, body)
             current = self._status(key, body)
-            children = self.store.children(key)
+            children = self._children(key, seen)
             now = utc_now()
             observed: Observed | None = None
             if spec.job is None:
                 new = invalid_status(current, spec.generation, list(spec.errors), now)
             else:
                 observed = self.kube.observe(children)
-                new = compute_status(spec.job, current, observed, now, progress, spec.digest)
+                new = compute_status(
+                    spec.job, current, observed, now, progress, spec.digest, self.settings.start_limits
+                )
             if without_cost(new) == without_cost(current):
-                self.store.accounted(key, children.deleted_pods)
+                self._accounted(key, children)
                 self._stop_if_failed(spec.job, new, observed)
                 return
             try:
@@ -315,12 +331,11 @@ class Reconciler:
                     raise
                 fresh = self.kube.read_job(*key) if error.status == CONFLICT else None
                 if fresh is None:
-                    self.store.drop_job(key)
                     return
-                self.store.put_job(fresh)
+                self._keep_written(key, fresh)
                 continue
-            self.store.put_job(written)
-            self.store.accounted(key, children.deleted_pods)
+            self._keep_written(key, written)
+            self._accounted(key, children)
             if new.phase != current.phase:
                 log.info(f"{key[0]}/{key[1]}: phase {current.phase} -> {new.phase}: {new.message}")
             for event_type, reason, message in transition_events(Transition(body, current, new)):
@@ -328,6 +343,10 @@ class Reconciler:
             self._stop_if_failed(spec.job, new, observed)
             return
         raise RetryLater("the status kept changing underneath; trying again", delay=1)
+
+    def _keep_written(self, key: JobKey, body: Manifest) -> None:
+        with self._lock:
+            self._written_jobs[key] = trimmed(body)
 
     def _stop_if_failed(
         self, job: FineTuneJob | None, status: FineTuneJobStatus, observed: Observed | None
@@ -346,4 +365,6 @@ class Reconciler:
         if run_policy.get("suspend") is True:
             return
         log.info(f"{job.namespace}/{job.name}: stopping the PyTorchJob: {status.message}")
-        self.store.put_pytorchjob((job.namespace, job.name), self.kube.stop_pytorchjob(job))
+        stopped = self.kube.stop_pytorchjob(job)
+        with self._lock:
+            self._written_pytorchjobs[(job.namespace, job.name)] = trimmed(stopped)

@@ -53,6 +53,8 @@ class Reason(StrEnum):
     SOURCE_NOT_FOUND = "SourceNotFound"
     SOURCE_UNAVAILABLE = "SourceUnavailable"
     TRAINER_ERROR = "TrainerError"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    UNSCHEDULABLE = "Unschedulable"
 
 
 class Condition(ApiModel):
