@@ -90,9 +90,10 @@ class Prometheus:
                 time.sleep(0.3)
         raise RuntimeError("prometheus did not become ready")
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """Run an instant query; return the result vector."""
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    def query(self, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Run an instant query (now, or at the Unix time ``at``); return the result vector."""
+        parameters = {"query": promql, **({"time": f"{at:.3f}"} if at is not None else {})}
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(parameters)}"
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.load(response)
         assert body["status"] == "success", body
