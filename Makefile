@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 SYSTEM_COMMANDS := prometheus promtool lua5.4 lua5.1
 SYSTEM_PACKAGES := prometheus lua5.4 lua5.1
 
-.PHONY: help install system-deps tools model test test-fast lint generate demo bench clean
+.PHONY: help install system-deps image-deps images tools model test test-fast lint generate demo bench clean
 
 help:  ## List the targets.
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,21 @@ system-deps:  ## Install the Debian packages the tests use, when any is missing.
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
+# What `make images` builds with: podman (chroot isolation: no cgroups, no user namespaces needed) and a base
+# image made with mmdebstrap, as no image registry is needed.
+IMAGE_COMMANDS := podman buildah mmdebstrap
+IMAGE_PACKAGES := podman buildah mmdebstrap
+
+image-deps:  ## Install the Debian packages that build and run the images, when any is missing.
+	@for c in $(IMAGE_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [[ -n "$${missing:-}" ]]; then \
+	  echo "installing $(IMAGE_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_PACKAGES); \
+	fi
+
+images: install image-deps  ## Build ghcr.io/kubetune/kubetune-{operator,trainer}:<appVersion> from the two Dockerfiles.
+	scripts/build-images.sh
+
 tools: install  ## Build or fetch the test components (Kubernetes binaries, training operator, kwok, helm).
 	hack/install-tools.sh
 
@@ -54,14 +69,20 @@ generate: install  ## Rebuild every generated file from the API models.
 	$(BIN)/kubetune reference > docs/reference.md
 	scripts/sync-chart-crd.sh
 
-test: install system-deps tools lint model  ## Everything: unit, trainer, control-plane and end-to-end tiers.
+test: install system-deps image-deps tools lint model  ## Everything: unit, trainer, control-plane and end-to-end tiers.
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast:  ## The same without the slowest tier (multi-process training, end to end).
 	$(MAKE) test PYTEST_ARGS="-m 'not slow' $(PYTEST_ARGS)"
 
-demo: install model  ## The main job: a LoRA fine-tune of a tiny model on this machine.
-	$(BIN)/kubetune run -f examples/quickstart.yaml
+# examples/quickstart.yaml reads pvc://models/SmolLM2-135M-Instruct; locally the claim `models` is the
+# model cache of `make model`, linked under DEMO_PVC_ROOT.
+DEMO_PVC_ROOT := out/pvc
+
+demo: install model  ## The main job: LoRA teaches SmolLM2-135M-Instruct JSON extraction; base vs tuned answers.
+	mkdir -p $(DEMO_PVC_ROOT)
+	ln -sfn "$$(dirname "$$($(BIN)/python -m kubetune_trainer.pretrained)")" $(DEMO_PVC_ROOT)/models
+	$(BIN)/kubetune run -f examples/quickstart.yaml --pvc-root $(DEMO_PVC_ROOT)
 
 # Extra arguments for every benchmark, e.g. `make bench BENCH_ARGS=--quick` for a smoke run.
 BENCH_ARGS ?=

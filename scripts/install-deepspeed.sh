@@ -8,7 +8,9 @@
 set -euo pipefail
 
 venv=${1:?usage: install-deepspeed.sh VENV}
-version=${DEEPSPEED_VERSION:-0.19.8}
+# The version is pinned in constraints.txt like every other package.
+constraints=$(dirname "$0")/../constraints.txt
+version=${DEEPSPEED_VERSION:-$(sed -n 's/^deepspeed==//p' "$constraints")}
 wheels=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/wheels
 torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
 marker="$wheels/deepspeed-$version-torch$torch_version.built"
@@ -20,9 +22,9 @@ mkdir -p "$wheels"
 if [[ ! -f $marker ]]; then
   echo "building deepspeed $version wheel with CPU Adam and shared-memory comm (once, ~3 min)"
   rm -f "$wheels"/deepspeed-"$version"-*.whl
-  "$venv/bin/pip" install -q ninja hjson msgpack py-cpuinfo einops
+  "$venv/bin/pip" install -q -c "$constraints" ninja hjson msgpack py-cpuinfo einops
   DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 \
     "$venv/bin/pip" wheel -q --no-deps --no-build-isolation "deepspeed==$version" -w "$wheels"
   touch "$marker"
 fi
-"$venv/bin/pip" install -q --no-build-isolation "$wheels"/deepspeed-"$version"-*.whl
+"$venv/bin/pip" install -q -c "$constraints" --no-build-isolation "$wheels"/deepspeed-"$version"-*.whl

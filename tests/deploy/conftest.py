@@ -7,8 +7,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.prometheus import prometheus_factory  # noqa: F401  (fixture)
+from tests.support.seaweedfs import seaweedfs  # noqa: F401  (fixture)
+
 if TYPE_CHECKING:
     from tests.integration.cluster import Cluster
+    from tests.support.images import BuiltImage
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +33,19 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     name = cluster.create_namespace(namespace_name(request.node.name))
     yield name
     cluster.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> BuiltImage:
+    """ghcr.io/kubetune/kubetune-operator:<appVersion>, built once per session by `make images`'s script."""
+    from tests.support.images import build_image
+
+    return build_image("operator")
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> BuiltImage:
+    """ghcr.io/kubetune/kubetune-trainer:<appVersion>, built once per session by `make images`'s script."""
+    from tests.support.images import build_image
+
+    return build_image("trainer")
