@@ -72,9 +72,8 @@ def fresh_operator_metrics() -> Any:
     return module
 
 
-@pytest.fixture(scope="module")
-def operator_exposition() -> Iterator[str]:
-    metrics = fresh_operator_metrics()
+def reconcile_once_well_and_once_badly(metrics: Any) -> None:
+    """Count one successful FineTuneJob reconcile and one that raised, as the handlers do."""
     for result in ("success", "error"):
         try:
             with metrics.reconcile("FineTuneJob"):
@@ -82,6 +81,12 @@ def operator_exposition() -> Iterator[str]:
                     raise RuntimeError("conflict")
         except RuntimeError:
             pass
+
+
+@pytest.fixture(scope="module")
+def operator_exposition() -> Iterator[str]:
+    metrics = fresh_operator_metrics()
+    reconcile_once_well_and_once_badly(metrics)
     metrics.count_job_phases(lambda: ["Running", "Succeeded", None])
     for kind in ("FineTuneJob", "PyTorchJob", "Pod"):
         metrics.WATCH_EVENTS.labels(kind=kind).inc()
@@ -272,13 +277,7 @@ def test_every_operator_panel_returns_series_from_a_real_prometheus(prometheus_f
         prometheus = prometheus_factory([f"127.0.0.1:{server.server_address[1]}"])
         metrics.count_job_phases(lambda: ["Running", "Succeeded", None])
         for round_ in range(4):  # several scrapes apart, so rate() and increase() have samples to span
-            for result in ("success", "error"):
-                try:
-                    with metrics.reconcile("FineTuneJob"):
-                        if result == "error":
-                            raise RuntimeError("conflict")
-                except RuntimeError:
-                    pass
+            reconcile_once_well_and_once_badly(metrics)
             metrics.WATCH_EVENTS.labels(kind="Pod").inc()
             metrics.queue_waited(round_ == 0, 0.01)
             prometheus.wait_for(f"kubetune_operator_watch_events_total >= {round_ + 1}", timeout=30)
