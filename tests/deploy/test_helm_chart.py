@@ -26,6 +26,7 @@ NAMESPACED_PERMISSIONS = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "patch"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "events"): {"create"},
     ("", "pods"): {"get", "list", "watch"},

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.controller.queueing import DEACTIVATED_BY_US, queue_writes, waiting_message
+from kubetune.controller.queueing import (
+    DEACTIVATED_BY_US,
+    queue_writes,
+    waiting_message,
+    writes_need_workload,
+)
 from tests.builders import a_job
 
 
@@ -13,8 +18,9 @@ def job(suspend: bool = False, queue: str | None = "team-a") -> Any:
     return a_job().with_spec(scheduling=scheduling, runPolicy={"suspend": suspend}).build()
 
 
-def ptj(suspend: bool) -> dict[str, Any]:
-    return {"metadata": {"uid": "u1"}, "spec": {"runPolicy": {"suspend": suspend}}}
+def ptj(suspend: bool, queue: str | None = None) -> dict[str, Any]:
+    labels = {"kueue.x-k8s.io/queue-name": queue} if queue else {}
+    return {"metadata": {"uid": "u1", "labels": labels}, "spec": {"runPolicy": {"suspend": suspend}}}
 
 
 def workload(active: bool = True, ours: bool = False, **conditions: tuple[str, str]) -> dict[str, Any]:
@@ -41,6 +47,22 @@ def test_a_users_suspend_suspends_and_deactivates_the_workload_and_resume_reacti
     assert resume.pytorchjob_suspend is None
     assert resume.workload_patch is not None and resume.workload_patch["spec"] == {"active": True}
     assert queue_writes(job(), ptj(True), workload(active=False)).workload_patch is None
+
+
+def test_a_job_created_suspended_joins_its_queue_on_its_first_resume() -> None:
+    """Its PyTorchJob has no queue-name label, so Kueue cannot admit (and start) it while it is suspended."""
+    assert queue_writes(job(suspend=True), ptj(True), None).pytorchjob_queue is None
+    assert queue_writes(job(), ptj(True), None).pytorchjob_queue == "team-a"
+    assert queue_writes(job(), ptj(True, queue="team-a"), None).pytorchjob_queue is None
+    assert queue_writes(job(queue=None), ptj(True), None).pytorchjob_queue is None
+
+
+def test_the_workload_is_read_only_when_a_write_to_it_could_follow() -> None:
+    """A running queued job the user leaves alone costs no Workload read per reconcile."""
+    assert not writes_need_workload(job(), ptj(False))
+    assert writes_need_workload(job(suspend=True), ptj(False)), "to deactivate it"
+    assert writes_need_workload(job(), ptj(True)), "it may be ours to re-activate"
+    assert not writes_need_workload(job(queue=None, suspend=True), ptj(True)), "no queue, no Workload"
 
 
 def test_without_a_queue_suspend_follows_the_spec_both_ways() -> None:

@@ -171,7 +171,7 @@ def test_run_policy_and_scheduling_pass_through() -> None:
         "cleanPodPolicy": "All",
         "schedulingPolicy": {"minAvailable": 3, "priorityClass": "high"},
     }
-    assert pytorchjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert "kueue.x-k8s.io/queue-name" not in pytorchjob["metadata"]["labels"], "joins its queue on resume"
     pod = _pod(pytorchjob, "Worker")
     assert pod["nodeSelector"] == {"gpu": "h100"}
     assert (pod["priorityClassName"], pod["schedulerName"]) == ("high", "volcano")

@@ -71,6 +71,11 @@ Role in each watched namespace in namespaced mode. Each rule names what the oper
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Kueue's Workload of a job that names a LocalQueue: read for Kueue's wait message, patched (spec.active)
+# to suspend and resume it. Without Kueue installed these rules grant nothing.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "patch"]
 # The rendered trainer config of each job (never credentials: those stay in Secrets the operator cannot read).
 - apiGroups: [""]
   resources: ["configmaps"]

@@ -35,12 +35,27 @@ from kubetune.controller.changes import status_patch
 from kubetune.controller.children import Children
 from kubetune.controller.conditions import utc_now
 from kubetune.controller.config import OperatorConfig
-from kubetune.controller.observed import Observed
+from kubetune.controller.observed import JobState, Observed, pytorchjob_state
 from kubetune.controller.pods import is_master
 from kubetune.controller.progress import parse_progress
-from kubetune.controller.queueing import queue_writes
+from kubetune.controller.queueing import (
+    JOB_UID_LABEL,
+    WORKLOAD_GROUP,
+    WORKLOAD_PLURAL,
+    WORKLOAD_VERSION,
+    is_queued,
+    queue_writes,
+    workload_of,
+    writes_need_workload,
+)
 from kubetune.render import build_all
-from kubetune.render.labels import JOB_NAME, MANAGED_BY, owner_references, pytorchjob_name
+from kubetune.render.labels import (
+    JOB_NAME,
+    KUEUE_QUEUE_NAME,
+    MANAGED_BY,
+    owner_references,
+    pytorchjob_name,
+)
 
 Manifest = dict[str, Any]
 
@@ -52,6 +67,8 @@ NOT_FOUND = 404
 NODE_READY_TTL_SECONDS = 10.0
 EVENT_SOURCE = "kubetune-operator"
 MAX_EVENT_MESSAGE = 1024
+WAITING_STATES = (JobState.CREATED, JobState.SUSPENDED)
+"""Where a queued job may wait for Kueue: the status then quotes its Workload."""
 LEGACY_FINALIZER = "kubetune.io/finalizer"
 """Earlier versions put this finalizer on every job; nothing needs it now, and a job that keeps it could
 never be deleted: it is kopf's finalizer setting, so kopf lifts it from each job it sees (handlers.py)."""
@@ -164,8 +181,38 @@ class Kube:
                 return None
             raise
 
-    def observe(self, children: Children) -> Observed:
-        """The PyTorchJob, its pods and which of their nodes stopped reporting, as the watches last said."""
+    def read_workload(self, job: FineTuneJob, pytorchjob: Manifest | None) -> Manifest | None:
+        """Kueue's Workload of a queued job's PyTorchJob (found by the job-uid label Kueue puts on it); None
+        for a job without a queue, before Kueue made one, or on a cluster without Kueue.
+
+        Read, not watched: Kueue's decisions that matter reach the operator as PyTorchJob events (it
+        un-suspends on admission, suspends on eviction), and the wait message is refreshed by the resync; a
+        watch would need a cluster-wide read of every Workload, ours or not.
+        """
+        uid = ((pytorchjob or {}).get("metadata") or {}).get("uid")
+        if not is_queued(job) or not uid or pytorchjob is None:
+            return None
+        try:
+            listed = cast(
+                Manifest,
+                self.custom.list_namespaced_custom_object(
+                    WORKLOAD_GROUP,
+                    WORKLOAD_VERSION,
+                    job.namespace,
+                    WORKLOAD_PLURAL,
+                    label_selector=f"{JOB_UID_LABEL}={uid}",
+                ),
+            )
+        except ApiException as error:
+            if error.status == NOT_FOUND:  # no Kueue: the job waits for a queue that never admits it
+                return None
+            raise
+        found = workload_of(pytorchjob, list(listed.get("items") or []))
+        return dict(found) if found is not None else None
+
+    def observe(self, children: Children, job: FineTuneJob | None = None) -> Observed:
+        """The PyTorchJob, its pods, which of their nodes stopped reporting (as the watches last said) and,
+        for a queued job, Kueue's Workload."""
         nodes = {
             (pod.get("spec") or {}).get("nodeName")
             for pod in children.pods
@@ -177,6 +224,11 @@ class Kube:
             pods=children.pods,
             lost_nodes=lost,
             deleted_pods=children.deleted_pods,
+            workload=(
+                self.read_workload(job, children.pytorchjob)
+                if job is not None and pytorchjob_state(children.pytorchjob) in WAITING_STATES
+                else None
+            ),
         )
 
     def _node_ready(self, name: str) -> bool:
@@ -257,11 +309,34 @@ class Kube:
             existing,
             patch=lambda body: self._patch_pytorchjob(job, body),
         )
-        # Suspend follows the spec, except that a queued job's PyTorchJob is un-suspended by Kueue alone.
-        suspend = queue_writes(job, existing, None).pytorchjob_suspend
-        if suspend is not None:
-            return self._patch_pytorchjob(job, {"spec": {"runPolicy": {"suspend": suspend}}})
+        # Suspend follows the spec, except that a queued job's PyTorchJob is un-suspended by Kueue alone; a
+        # queued job is suspended and resumed through its Workload (queueing.py).
+        workload = self.read_workload(job, existing) if writes_need_workload(job, existing) else None
+        writes = queue_writes(job, existing, workload)
+        if writes.workload_patch is not None and writes.workload is not None:
+            self._patch_workload(job, writes.workload, writes.workload_patch)
+        if writes.pytorchjob_queue is not None:
+            existing = self._patch_pytorchjob(
+                job, {"metadata": {"labels": {KUEUE_QUEUE_NAME: writes.pytorchjob_queue}}}
+            )
+        if writes.pytorchjob_suspend is not None:
+            return self._patch_pytorchjob(
+                job, {"spec": {"runPolicy": {"suspend": writes.pytorchjob_suspend}}}
+            )
         return existing
+
+    def _patch_workload(
+        self, job: FineTuneJob, workload: Mapping[str, Any], patch: Mapping[str, Any]
+    ) -> None:
+        self.custom.patch_namespaced_custom_object(
+            WORKLOAD_GROUP,
+            WORKLOAD_VERSION,
+            job.namespace,
+            WORKLOAD_PLURAL,
+            workload["metadata"]["name"],
+            dict(patch),
+            _content_type="application/merge-patch+json",
+        )
 
     def _patch_pytorchjob(self, job: FineTuneJob, body: Manifest) -> Manifest:
         return cast(

@@ -7,6 +7,8 @@ Kueue would un-suspend an admitted job whose PyTorchJob alone was suspended, so 
 Workload's `spec.active` to false (Kueue evicts it and frees its quota), and back to true on resume (Kueue
 queues it again and un-suspends it when admitted). The operator marks a Workload it deactivated, and
 re-activates only those: one Kueue deactivated itself (e.g. after too many evictions) stays as Kueue left it.
+A job created suspended gets its PyTorchJob without the queue-name label, so Kueue makes no Workload that it
+could admit before the operator deactivated it; the label comes with the first resume.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
+from kubetune.render.labels import KUEUE_QUEUE_NAME
 
 Manifest = Mapping[str, Any]
 
@@ -33,7 +36,11 @@ class QueueWrites:
     """What to write; None leaves a field as it is."""
 
     pytorchjob_suspend: bool | None = None
+    pytorchjob_queue: str | None = None
+    """The queue-name label to put on a suspended PyTorchJob that has none yet: Kueue takes the job then."""
     workload_patch: Mapping[str, Any] | None = None
+    workload: Manifest | None = None
+    """The Workload the patch is for."""
 
 
 def is_queued(job: FineTuneJob) -> bool:
@@ -44,6 +51,11 @@ def _suspended(pytorchjob: Manifest) -> bool:
     return bool(((pytorchjob.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
 
 
+def _queue_label(pytorchjob: Manifest) -> str | None:
+    labels = (pytorchjob.get("metadata") or {}).get("labels") or {}
+    return labels.get(KUEUE_QUEUE_NAME)
+
+
 def _active(workload: Manifest) -> bool:
     return (workload.get("spec") or {}).get("active") is not False
 
@@ -52,12 +64,19 @@ def _deactivated_by_us(workload: Manifest) -> bool:
     return DEACTIVATED_BY_US in ((workload.get("metadata") or {}).get("annotations") or {})
 
 
+def writes_need_workload(job: FineTuneJob, pytorchjob: Manifest) -> bool:
+    """Whether `queue_writes` could write to the Workload: to suspend a queued job, or to resume one whose
+    PyTorchJob is suspended (it may be ours to re-activate). A running job left alone needs no read."""
+    return is_queued(job) and (job.spec.run_policy.suspend or _suspended(pytorchjob))
+
+
 def queue_writes(job: FineTuneJob, pytorchjob: Manifest, workload: Manifest | None) -> QueueWrites:
     """What one reconcile writes so that suspend follows the spec without fighting Kueue."""
     wanted = job.spec.run_policy.suspend
     if not is_queued(job):
         return QueueWrites(pytorchjob_suspend=wanted if _suspended(pytorchjob) != wanted else None)
     writes_suspend = True if wanted and not _suspended(pytorchjob) else None  # un-suspending is Kueue's
+    joins = job.spec.scheduling.queue_name if not wanted and _queue_label(pytorchjob) is None else None
     patch: dict[str, Any] | None = None
     if workload is not None and wanted and _active(workload):
         patch = {
@@ -66,7 +85,9 @@ def queue_writes(job: FineTuneJob, pytorchjob: Manifest, workload: Manifest | No
         }
     elif workload is not None and not wanted and not _active(workload) and _deactivated_by_us(workload):
         patch = {"metadata": {"annotations": {DEACTIVATED_BY_US: None}}, "spec": {"active": True}}
-    return QueueWrites(pytorchjob_suspend=writes_suspend, workload_patch=patch)
+    return QueueWrites(
+        pytorchjob_suspend=writes_suspend, pytorchjob_queue=joins, workload_patch=patch, workload=workload
+    )
 
 
 def workload_of(pytorchjob: Manifest, workloads: list[Manifest]) -> Manifest | None:

@@ -316,7 +316,7 @@ class Reconciler:
             if spec.job is None:
                 new = invalid_status(current, spec.generation, list(spec.errors), now)
             else:
-                observed = self.kube.observe(children)
+                observed = self.kube.observe(children, spec.job)
                 new = compute_status(
                     spec.job, current, observed, now, progress, spec.digest, self.settings.start_limits
                 )

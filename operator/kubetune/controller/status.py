@@ -120,14 +120,14 @@ def _summarise(
         # Waiting, not failed (an image pushed late or a freed GPU lets it start): Reconciling stays True,
         # so kstatus readers keep seeing InProgress.
         return _summary(Phase.PENDING, "False", "True", stuck.reason, stuck.message), None
-    if state is JobState.CREATED:
-        text = f"PyTorchJob {pytorchjob_name(job)} created; waiting for {nodes} pod(s) to run"
-        return _summary(Phase.PENDING, "False", "True", Reason.CREATED, text), None
     if state in (JobState.SUSPENDED, JobState.CREATED) and (
         queued := waiting_message(job, observed.workload)
     ):
         # Kueue holds the job (its PyTorchJob is suspended until admitted): waiting, not stopped.
         return _summary(Phase.PENDING, "False", "True", Reason.QUEUED, shorten(queued)), None
+    if state is JobState.CREATED:
+        text = f"PyTorchJob {pytorchjob_name(job)} created; waiting for {nodes} pod(s) to run"
+        return _summary(Phase.PENDING, "False", "True", Reason.CREATED, text), None
     if state is JobState.SUSPENDED:
         text = "suspended: the pods are stopped; set spec.runPolicy.suspend to false to resume from the newest checkpoint"
         return _summary(Phase.SUSPENDED, "False", "False", Reason.SUSPENDED, text), None

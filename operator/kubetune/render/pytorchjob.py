@@ -267,7 +267,9 @@ def build_pytorchjob(job: FineTuneJob, config: RenderConfig, digest: str | None 
     if spec.run_policy.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     labels = child_labels(job)
-    if spec.scheduling.queue_name:
+    if spec.scheduling.queue_name and not spec.run_policy.suspend:
+        # A job created suspended joins its queue when resumed (controller/queueing.py): queued now, Kueue
+        # could admit it and start its pods before the operator had deactivated its Workload.
         labels[KUEUE_QUEUE_NAME] = spec.scheduling.queue_name
     return {
         "apiVersion": "kubeflow.org/v1",
