@@ -116,7 +116,7 @@ def test_on_the_cpu_a_batch_is_padded_to_its_longest_row_and_for_tensor_cores_to
 ) -> None:
     import torch
 
-    from kubetune_trainer.train import pad_multiple
+    from kubetune_trainer.trainer import pad_multiple
 
     rows = [{"input_ids": [5] * 5, "labels": [5] * 5}, {"input_ids": [6] * 11, "labels": [6] * 11}]
     longest = collator_for("causal-lm", tokenizer, pad_to_multiple_of=None)(rows)

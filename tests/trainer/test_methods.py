@@ -92,7 +92,7 @@ def reload_published(method: str, base_dir: Path, published: Path, spec: Any) ->
     from transformers import AutoModelForCausalLM
 
     from kubetune_trainer.methods import quantization_config
-    from kubetune_trainer.train import keep_quantized_base_as_loaded, weights_dtype
+    from kubetune_trainer.models import keep_quantized_base_as_loaded, weights_dtype
 
     if method in ("freeze", "full"):
         return AutoModelForCausalLM.from_pretrained(published)
@@ -123,7 +123,7 @@ def untrained_model(job: Any, model_dir: Path, steps: int) -> Any:
     from kubetune_trainer.data import TaskData
     from kubetune_trainer.estimate import num_layers
     from kubetune_trainer.methods import MethodContext, apply_method, embedding_modules
-    from kubetune_trainer.train import load_model, load_tokenizer
+    from kubetune_trainer.models import load_model, load_tokenizer
 
     spec = job.build().spec
     transformers.set_seed(spec.training.seed)

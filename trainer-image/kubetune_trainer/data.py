@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets, load_dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
-from kubetune.api.v1alpha1 import DatasetColumns, DatasetSpec, Task
+from kubetune.api.v1alpha1 import DatasetColumns, DatasetSpec, FineTuneJobSpec, Task
 
+from .storage import resolve_source
 from .termination import DataError
 
 log = logging.getLogger(__name__)
@@ -463,6 +464,28 @@ def build_task_data(
     train = encoded.select(range(len(train_rows)))
     validation = encoded.select(range(len(train_rows), len(encoded))) if validation_rows is not None else None
     return TaskData(train, validation, len(id2label), id2label)
+
+
+def load_task_data(
+    spec: FineTuneJobSpec, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments
+) -> TaskData:
+    """The job's dataset, fetched and tokenized for its task.
+
+    Rank 0 of each node tokenizes first (and fills the datasets cache); the others then read it."""
+    data_path = resolve_source(spec.dataset.source, hub_repo_type="dataset")
+    with args.main_process_first(desc="tokenizing the dataset", local=True):
+        rows = load_rows(data_path, file_type=spec.dataset.file_type)
+        data = build_task_data(rows, tokenizer, spec.dataset, spec.model.task, seed=spec.training.seed)
+    if (
+        spec.model.num_labels is not None
+        and data.num_labels is not None
+        and data.num_labels > spec.model.num_labels
+    ):
+        raise DataError(
+            f"the dataset has {data.num_labels} labels but model.numLabels is {spec.model.num_labels}"
+        )
+    log.info("dataset: %d training and %d validation examples", len(data.train), len(data.validation or []))
+    return data
 
 
 class CausalLMCollator:

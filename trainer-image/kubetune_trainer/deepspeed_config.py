@@ -47,5 +47,5 @@ def build_deepspeed_config(spec: FineTuneJobSpec) -> dict[str, Any] | None:
         "wall_clock_breakdown": False,
     }
     # No "optimizer" section: the Trainer builds the optimizer (with the spec's learning-rate
-    # groups), DeepSpeed's CPU Adam when the optimizer state is offloaded (see train.py).
+    # groups), DeepSpeed's CPU Adam when the optimizer state is offloaded (see trainer.py).
     return config

@@ -16,6 +16,8 @@ of the usual terms per GPU:
 - a fixed 1 GiB for the CUDA context, allocator slack and communication buffers.
 
 The terms are `kubetune.fit.memory`, which the operator's check before the download uses too.
+The trainer's pre-flight check (:func:`preflight`) refuses a job whose estimate exceeds its GPU
+before any weight is loaded.
 
 Run as ``python -m kubetune_trainer.estimate -f job.yaml [--format json]`` (the ``kubetune
 estimate`` CLI does, so the operator package never imports torch).
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,13 @@ from typing import Any
 from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec, MethodType, Task
 from kubetune.fit import OVERHEAD_BYTES, memory
 
+from . import distributed
+from .termination import InsufficientGPUMemory, TrainerError
+
+log = logging.getLogger(__name__)
+
 GIB = 1024**3
+GPU_MEMORY_ENV = "KUBETUNE_GPU_MEMORY_BYTES"
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,32 @@ def _linear_parameters(model: Any) -> int:
     )
 
 
+def available_gpu_memory() -> int | None:
+    """Bytes of one GPU (``KUBETUNE_GPU_MEMORY_BYTES`` overrides; None on a CPU-only machine)."""
+    if os.environ.get(GPU_MEMORY_ENV):
+        return int(os.environ[GPU_MEMORY_ENV])
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return None
+
+
+def preflight(spec: FineTuneJobSpec, config: Any) -> None:
+    """Refuse a job that cannot fit on its GPUs before any weight is loaded."""
+    capacity = available_gpu_memory()
+    if capacity is None:
+        return
+    needed = estimate(spec, config, world_size=distributed.world_size()).per_gpu_memory_bytes
+    log.info("pre-flight: ~%.2f GiB per GPU of %.2f GiB", needed / GIB, capacity / GIB)
+    if needed > capacity:
+        raise InsufficientGPUMemory(
+            f"needs ~{needed / GIB:.1f} GiB per GPU, has {capacity / GIB:.1f} GiB "
+            "(try qlora, gradientCheckpointing, a smaller batchSizePerDevice or maxSeqLength, "
+            "or deepspeed zeroStage 3 with CPU offload)"
+        )
+
+
 def read_job(path: Path) -> FineTuneJob:
     import yaml
 
@@ -223,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-f", "--file", required=True, type=Path, help="FineTuneJob manifest (YAML or JSON)")
     parser.add_argument("--format", choices=("table", "text", "json"), default="table")
     args = parser.parse_args(argv)
-    from .termination import TrainerError
-
     try:
         job = read_job(args.file)
         result = estimate(job.spec, model_config(job.spec))

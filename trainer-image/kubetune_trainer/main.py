@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.spec is None:
             raise SpecError("no spec: pass --spec FILE or set KUBETUNE_SPEC")
         # Imported here so that a missing spec fails in milliseconds, not after importing torch.
-        from .train import load_job, run
+        from .job import load_job
+        from .train import run
 
         job, digest = load_job(args.spec)
         workdir = args.workdir or Path(tempfile.gettempdir()) / "kubetune" / job.name

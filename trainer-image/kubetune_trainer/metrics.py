@@ -1,4 +1,5 @@
-"""Prometheus metrics of a training run and the Trainer callback that keeps them current.
+"""Prometheus metrics of a training run, the Trainer callback that keeps them current, and the
+exporter's lifetime: started before the model loads, stopped after the last scrape.
 
 Every series carries ``finetunejob``, ``namespace`` and ``method`` labels. The job label
 is not called ``job``: Prometheus sets ``job`` (and the Prometheus Operator
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +22,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from kubetune.api.v1alpha1 import FineTuneJob
+
+from . import distributed
+from .job import job_identity
+
 log = logging.getLogger(__name__)
 
 LABELS = ("finetunejob", "namespace", "method")
+METRICS_PORT_ENV = "KUBETUNE_METRICS_PORT"
+METRICS_LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
 
 
 @dataclass
@@ -226,3 +235,40 @@ class MetricsCallback(TrainerCallback):
         self.metrics.step.set(state.global_step)
         self.metrics.eta_seconds.set(0)
         self.metrics.touch()
+
+
+def start_metrics(job: FineTuneJob) -> tuple[TrainingMetrics, MetricsServer | None]:
+    """The exporter; served by each node's local rank 0 (one endpoint per pod)."""
+    name, namespace = job_identity(job)
+    metrics = TrainingMetrics(name, namespace, job.spec.method.type.value)
+    server = None
+    if distributed.is_local_main_process():
+        port = int(os.environ.get(METRICS_PORT_ENV, job.spec.metrics.port))
+        try:
+            server = metrics.serve(port)
+            log.info("metrics on :%d/metrics", server.port)
+        except OSError as error:
+            log.warning("metrics endpoint not started on port %d: %s", port, error)
+    return metrics, server
+
+
+def stop_metrics(server: MetricsServer | None) -> None:
+    """Stop the exporter, ``KUBETUNE_METRICS_LINGER_SECONDS`` after the run for one more scrape
+    of the final values."""
+    linger = float(os.environ.get(METRICS_LINGER_ENV, "0"))
+    if server is not None:
+        if linger > 0:
+            time.sleep(linger)
+        server.close()
+
+
+def record_parameters(metrics: TrainingMetrics, trainable: int, total: int) -> None:
+    """Export the parameter counts; rank 0 also prints them, in the line peft prints."""
+    metrics.trainable_parameters.set(trainable)
+    metrics.parameters.set(total)
+    if distributed.is_main_process():
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f}",
+            flush=True,
+        )

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 
+from . import distributed
 from .data import render_prompt
 
 log = logging.getLogger(__name__)
@@ -149,3 +150,48 @@ def collect(
         )
         for index, (p, answer) in enumerate(zip(spec.samples.prompts, answers, strict=True))
     ]
+
+
+def zero3_partitioned(spec: FineTuneJobSpec) -> bool:
+    """Whether each rank holds only a shard of the weights."""
+    return spec.deepspeed is not None and spec.deepspeed.zero_stage == 3 and distributed.world_size() > 1
+
+
+def base_sample_answers(
+    spec: FineTuneJobSpec, model: Any, tokenizer: PreTrainedTokenizerBase
+) -> list[str] | None:
+    """Rank 0: the base model's answers to the sample prompts, before any method touches it.
+
+    Under ZeRO-3 the freshly loaded shards are only gathered once DeepSpeed's engine runs the
+    model, so a partitioned base gives no answers before training."""
+    if spec.samples is None or not distributed.is_main_process():
+        return None
+    if zero3_partitioned(spec):
+        log.info("samples: no base answers under ZeRO-3 (the base is partitioned before training)")
+        return None
+    return generate_answers(model, tokenizer, spec)
+
+
+def trained_samples(
+    spec: FineTuneJobSpec, model: Any, tokenizer: PreTrainedTokenizerBase, base_answers: list[str] | None
+) -> list[Sample]:
+    """The trained model's answers (rank 0; under ZeRO-3 every rank takes part in each forward pass);
+    none when the spec asks for no samples."""
+    if spec.samples is None:
+        return []
+    synced = zero3_partitioned(spec)
+    if not (synced or distributed.is_main_process()):
+        return []
+    answers = generate_answers(model, tokenizer, spec, synced_gpus=synced)
+    if not distributed.is_main_process():
+        return []
+    samples = collect(spec, answers, base_answers)
+    for sample in samples:
+        log.debug("sample %r -> %r (base %r)", sample.prompt, sample.answer, sample.base_answer)
+    scores = exact_match_metrics(samples)
+    log.info(
+        "samples: %d answered%s",
+        len(samples),
+        "".join(f", {name} {value:.0%}" for name, value in scores.items()),
+    )
+    return samples
