@@ -7,7 +7,9 @@ control plane.
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +355,138 @@ def test_crd_ships_in_the_crds_folder_so_uninstall_keeps_it() -> None:
     crds = [m for m in render(include_crds=True) if m["kind"] == "CustomResourceDefinition"]
     assert [c["metadata"]["name"] for c in crds] == ["finetunejobs.kubetune.io"]
     assert not [m for m in render() if m["kind"] == "CustomResourceDefinition"]
+
+# ------------------------------------------------------------------------------------- admission webhook
+
+WEBHOOK_ON = ["webhook.enabled=true"]
+
+
+def _pem(data: str, path: Path) -> Path:
+    path.write_bytes(base64.b64decode(data))
+    return path
+
+
+def openssl(*args: str | Path) -> str:
+    result = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_webhook_is_off_by_default_and_renders_nothing_of_it() -> None:
+    manifests = render()
+    assert not find(manifests, "ValidatingWebhookConfiguration") and not find(manifests, "Secret")
+    assert [s["metadata"]["name"] for s in find(manifests, "Service")] == ["kubetune"]
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert not [e for e in container["env"] if e["name"].startswith("KUBETUNE_WEBHOOK")]
+    assert "webhook" not in {port["name"] for port in container["ports"]}
+    assert [volume["name"] for volume in pod["volumes"]] == ["tmp"]
+
+
+def test_the_webhook_renders_a_service_a_certificate_and_a_configuration_that_fit_together(
+    tmp_path: Path,
+) -> None:
+    from kubetune.controller.admission import HANDLER_ID
+
+    manifests = render(set_values=WEBHOOK_ON)
+    deployment = one(manifests, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["webhook"] == int(env["KUBETUNE_WEBHOOK_PORT"]) == 9443
+
+    # The Service sends 443 to the container's webhook port, on every replica (standbys answer too).
+    (service,) = find(manifests, "Service", "kubetune-webhook")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [
+        {"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}
+    ]
+
+    # The Secret is mounted where the operator reads its certificate and key.
+    secret = one(manifests, "Secret")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    (volume,) = [v for v in pod["volumes"] if v.get("secret")]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    assert env["KUBETUNE_WEBHOOK_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["KUBETUNE_WEBHOOK_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+
+    # The API server calls the Service at kopf's path for the handler, trusting the Secret's CA.
+    configuration = one(manifests, "ValidatingWebhookConfiguration")
+    (webhook,) = configuration["webhooks"]
+    assert webhook["clientConfig"]["service"] == {
+        "name": "kubetune-webhook",
+        "namespace": "kubetune-system",
+        "path": f"/{HANDLER_ID}",
+        "port": 443,
+    }
+    assert webhook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert webhook["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "apiVersions": ["v1alpha1"],
+            "resources": ["finetunejobs"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
+    # An operator that is down must not block `kubectl apply`: CEL and the operator still judge the spec.
+    assert (webhook["failurePolicy"], webhook["sideEffects"], webhook["timeoutSeconds"]) == (
+        "Ignore",
+        "None",
+        5,
+    )
+    assert "namespaceSelector" not in webhook
+
+    # The certificate is the CA's, names the Service's DNS name and goes with the key.
+    ca = _pem(secret["data"]["ca.crt"], tmp_path / "ca.crt")
+    cert = _pem(secret["data"]["tls.crt"], tmp_path / "tls.crt")
+    key = _pem(secret["data"]["tls.key"], tmp_path / "tls.key")
+    assert openssl("verify", "-CAfile", ca, cert).strip().endswith("OK")
+    assert "DNS:kubetune-webhook.kubetune-system.svc" in openssl(
+        "x509", "-in", cert, "-noout", "-ext", "subjectAltName"
+    )
+    assert openssl("x509", "-in", cert, "-noout", "-pubkey") == openssl("pkey", "-in", key, "-pubout")
+
+    # The chart, not kopf, owns the configuration: the operator gets no admissionregistration permission.
+    assert permissions(one(manifests, "ClusterRole")) == permissions(one(render(), "ClusterRole"))
+
+
+def test_in_namespaced_mode_the_webhook_judges_only_the_watched_namespaces() -> None:
+    (webhook,) = one(render([NAMESPACED], WEBHOOK_ON), "ValidatingWebhookConfiguration")["webhooks"]
+    assert webhook["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+        ]
+    }
+
+
+def test_an_existing_certificate_secret_replaces_the_generated_one() -> None:
+    manifests = render(
+        set_values=[
+            *WEBHOOK_ON,
+            "webhook.existingSecret=kubetune-webhook-tls",
+            "webhook.annotations.cert-manager\\.io/inject-ca-from=kubetune-system/kubetune-webhook",
+        ]
+    )
+    assert not find(manifests, "Secret")
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if v.get("secret")] == ["kubetune-webhook-tls"]
+    configuration = one(manifests, "ValidatingWebhookConfiguration")
+    assert configuration["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": "kubetune-system/kubetune-webhook"
+    }
+    assert "caBundle" not in configuration["webhooks"][0]["clientConfig"]
+
+
+@pytest.mark.parametrize(
+    ("assignment", "complaint"),
+    [("webhook.failurePolicy=Sometimes", "failurePolicy"), ("webhook.timeoutSeconds=60", "timeoutSeconds")],
+)
+def test_webhook_values_the_api_server_would_refuse_are_refused_by_the_chart(
+    assignment: str, complaint: str
+) -> None:
+    result = helm("template", "kubetune", str(CHART), *kube_version_args(), "--set", assignment, check=False)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr

@@ -53,6 +53,27 @@ class OperatorConfig(BaseSettings):
     leader_election_lease_seconds: Annotated[int, Field(ge=5, le=300)] = 15
     """KUBETUNE_LEADER_ELECTION_LEASE_SECONDS: how long a vanished leader blocks its standbys."""
 
+    webhook_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """KUBETUNE_WEBHOOK_PORT: port of the validating admission webhook kopf serves (HTTPS); 0 (the default)
+    serves none. A ValidatingWebhookConfiguration must send the API server's requests there (the chart's
+    `webhook.enabled` renders one)."""
+    webhook_address: str = "0.0.0.0"
+    """KUBETUNE_WEBHOOK_ADDRESS: address the webhook listens on."""
+    webhook_cert_file: str | None = None
+    """KUBETUNE_WEBHOOK_CERT_FILE: PEM certificate of the webhook (the chain the API server verifies with the
+    configuration's caBundle); required with a port."""
+    webhook_key_file: str | None = None
+    """KUBETUNE_WEBHOOK_KEY_FILE: PEM private key of that certificate; required with a port."""
+
+    @model_validator(mode="after")
+    def _webhook_has_a_certificate(self) -> OperatorConfig:
+        if self.webhook_port and not (self.webhook_cert_file and self.webhook_key_file):
+            raise ValueError(
+                "KUBETUNE_WEBHOOK_PORT is set but KUBETUNE_WEBHOOK_CERT_FILE or KUBETUNE_WEBHOOK_KEY_FILE is "
+                "empty: the API server calls webhooks over HTTPS only (the chart mounts both from a Secret)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _lease_has_a_namespace(self) -> OperatorConfig:
         if self.leader_election and not self.leader_election_namespace:

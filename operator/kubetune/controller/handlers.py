@@ -9,6 +9,7 @@ one after a growing delay.
 Only `@kopf.on.event` handlers serve the FineTuneJobs: kopf's change-detection handlers (on.create/update)
 keep a diff base and their progress on the object, one more write per create and per spec change, and
 timers and daemons put a finalizer on every job. Level-triggered reconciles need none of that state.
+The optional validating webhook (admission.py) keeps none either.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import kopf
 
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION
-from kubetune.controller import metrics
+from kubetune.controller import admission, metrics
 from kubetune.controller.children import JobKey, Manifest, owner_key, trimmed
 from kubetune.controller.config import OperatorConfig
 from kubetune.controller.kube import (
@@ -216,11 +217,16 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     # per object with events is cheap, so no limit delays an object's events behind others'.
     settings.queueing.worker_limit = None
     settings.execution.max_workers = running.settings.workers
+    # The validating webhook (admission.py), when configured: the chart's ValidatingWebhookConfiguration
+    # routes to it, so kopf manages no webhook configuration (no cluster-wide RBAC for one).
+    if running.settings.webhook_port:
+        settings.admission.server = admission.webhook_server(running.settings)
     asyncio.get_running_loop().create_task(_resync(running), name="kubetune resync")
     log.info(
         f"kubetune operator: namespaces={list(running.settings.namespaces) or 'all'} "
         f"workers={running.settings.workers} metrics_port={running.settings.metrics_port} "
-        f"progress_interval={running.settings.progress_interval_seconds}s"
+        f"progress_interval={running.settings.progress_interval_seconds}s "
+        f"webhook_port={running.settings.webhook_port or 'off'}"
     )
 
 

@@ -12,7 +12,7 @@ import kopf
 from kubernetes import config
 from prometheus_client import start_http_server
 
-from kubetune.controller import handlers, metrics
+from kubetune.controller import admission, handlers, metrics
 from kubetune.controller.config import OperatorConfig
 from kubetune.controller.kube import Kube, new_api_client
 from kubetune.controller.leader import LeaseHolder, LeaseSettings
@@ -64,6 +64,8 @@ def run_operator(verbose: bool = False, json_logs: bool = True) -> None:
     dispatch = handlers.Dispatch(reconciler, settings.workers, leading)
     running = handlers.Runtime(settings, reconciler, dispatch, leading)
     handlers.install(running)
+    if settings.webhook_port:
+        admission.register()
 
     lease: LeaseHolder | None = None
     if settings.leader_election:
