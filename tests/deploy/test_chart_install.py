@@ -47,9 +47,11 @@ NEEDED = [
     *[(verb, "configmaps") for verb in ("get", "create", "patch")],
     ("create", "events"),
     *[(verb, "pods") for verb in ("get", "list", "watch")],
+    *[(verb, "workloads.kueue.x-k8s.io") for verb in ("get", "list", "patch")],
 ]
-# Cluster-scoped reads the operator needs in every mode.
-NEEDED_CLUSTER_WIDE = [("get", "nodes")]
+# Cluster-scoped reads the operator needs in every mode: a running pod's node, and the nodes' GPU memory labels
+# for the fit check.
+NEEDED_CLUSTER_WIDE = [("get", "nodes"), ("list", "nodes")]
 # What it must never do: read credentials, touch workloads it does not own, delete what users own.
 FORBIDDEN = [
     ("get", "secrets"),
@@ -75,7 +77,6 @@ FORBIDDEN = [
     ("escalate", "clusterroles.rbac.authorization.k8s.io"),
     ("impersonate", "serviceaccounts"),
     ("patch", "nodes"),
-    ("list", "nodes"),
 ]
 
 

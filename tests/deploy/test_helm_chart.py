@@ -33,8 +33,9 @@ NAMESPACED_PERMISSIONS = {
     ("", "events"): {"create"},
     ("", "pods"): {"get", "list", "watch"},
 }
-# Cluster-scoped in both modes: the node of a running trainer pod (lost or not).
-CLUSTER_SCOPED = {("", "nodes"): {"get"}}
+# Cluster-scoped in both modes: the node of a running trainer pod (lost or not), and the nodes' GPU memory
+# labels for the fit check.
+CLUSTER_SCOPED = {("", "nodes"): {"get", "list"}}
 LEADER_ELECTION = "kubetune-leader-election"
 
 
@@ -355,6 +356,7 @@ def test_crd_ships_in_the_crds_folder_so_uninstall_keeps_it() -> None:
     crds = [m for m in render(include_crds=True) if m["kind"] == "CustomResourceDefinition"]
     assert [c["metadata"]["name"] for c in crds] == ["finetunejobs.kubetune.io"]
     assert not [m for m in render() if m["kind"] == "CustomResourceDefinition"]
+
 
 # ------------------------------------------------------------------------------------- admission webhook
 

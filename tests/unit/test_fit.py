@@ -8,18 +8,7 @@ import pytest
 
 from kubetune.fit import GIB, OVERHEAD_BYTES, ModelShape, does_not_fit, estimate
 from tests.builders import a_job
-
-LLAMA_3_1_8B = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "tie_word_embeddings": False,
-}
+from tests.model_configs import LLAMA_3_1_8B
 
 
 def qlora_zero3_on_16_gpus() -> Any:

@@ -44,6 +44,15 @@ class OperatorConfig(BaseSettings):
     )
     """KUBETUNE_UNSCHEDULABLE_AFTER_SECONDS: how long the scheduler may refuse a pod before the status says so."""
 
+    fit_check: bool = True
+    """KUBETUNE_FIT_CHECK: refuse a new job whose model cannot fit its GPUs (reason DoesNotFit) before any pod
+    exists, when both the model's config.json and the GPUs' memory are known (controller/fitcheck.py)."""
+    hub_endpoint: str = "https://huggingface.co"
+    """KUBETUNE_HUB_ENDPOINT: where the fit check reads an hf:// model's config.json (a hub mirror)."""
+    fit_check_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
+    """KUBETUNE_FIT_CHECK_TIMEOUT_SECONDS: how long one read of a config.json may take; a model whose config
+    cannot be read is left to the trainer's own check."""
+
     leader_election: bool = False
     """KUBETUNE_LEADER_ELECTION: reconcile only while holding a Lease; other replicas wait as standbys."""
     leader_election_namespace: str = ""

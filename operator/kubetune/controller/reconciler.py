@@ -17,7 +17,7 @@ from functools import cached_property
 
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress
+from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobStatus, Phase, Progress, Reason
 from kubetune.api.validation import FieldError, validate_manifest
 from kubetune.controller.changes import (
     Transition,
@@ -37,10 +37,11 @@ from kubetune.controller.children import (
 )
 from kubetune.controller.conditions import utc_now
 from kubetune.controller.config import OperatorConfig
+from kubetune.controller.fitcheck import FitCheck
 from kubetune.controller.kube import CONFLICT, NOT_FOUND, Kube, RetryLater
 from kubetune.controller.observed import TERMINAL_PHASES, JobState, Observed, pytorchjob_state
 from kubetune.controller.pods import pod_uid
-from kubetune.controller.status import compute_status, invalid_status
+from kubetune.controller.status import compute_status, invalid_status, refused_status
 from kubetune.render.pytorchjob import spec_hash
 
 STATUS_WRITE_ATTEMPTS = 5
@@ -87,6 +88,7 @@ class Reconciler:
 
     def __init__(self, kube: Kube, settings: OperatorConfig, look: Look) -> None:
         self.kube, self.settings, self.look = kube, settings, look
+        self.fit = FitCheck(kube, settings)
         self.requeue: Callable[[JobKey], None] = lambda key: None
         """Reconcile the job again soon (set by handlers.Dispatch)."""
         self.first_waiting: Callable[[], bool] = lambda: False
@@ -251,6 +253,9 @@ class Reconciler:
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         if spec.job is not None and current.phase not in TERMINAL_PHASES and not deleting:
             known = self._pytorchjob(key, seen)
+            if known is None and current.phase is None and (refusal := self.fit.refusal(spec.job)):
+                self._sync_status(key, refusal)  # nothing is created for a job that cannot fit
+                return
             pytorchjob = self.kube.ensure_children(spec.job, known, seen_before=current.phase is not None)
             if pytorchjob is not known:
                 with self._lock:
@@ -295,7 +300,7 @@ class Reconciler:
             self._statuses[key] = (version, status)
         return status
 
-    def _sync_status(self, key: JobKey) -> None:
+    def _sync_status(self, key: JobKey, refusal: str | None = None) -> None:
         """Compute the status from what is seen and write it when more than gpuSeconds changed.
 
         The write is conditional on the resourceVersion it was computed from; when someone wrote in between
@@ -315,6 +320,8 @@ class Reconciler:
             observed: Observed | None = None
             if spec.job is None:
                 new = invalid_status(current, spec.generation, list(spec.errors), now)
+            elif refusal is not None and current.phase is None:
+                new = refused_status(current, spec.generation, Reason.DOES_NOT_FIT, refusal, now)
             else:
                 observed = self.kube.observe(children, spec.job)
                 new = compute_status(

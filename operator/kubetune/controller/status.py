@@ -298,7 +298,16 @@ def invalid_status(
     current: FineTuneJobStatus, generation: int | None, errors: Sequence[FieldError], now: str
 ) -> FineTuneJobStatus:
     """A spec only the operator can judge is wrong: Stalled, Failed, nothing created."""
-    message = shorten("invalid spec: " + "; ".join(str(e) for e in errors))
+    message = "invalid spec: " + "; ".join(str(e) for e in errors)
+    return refused_status(current, generation, Reason.INVALID_SPEC, message, now)
+
+
+def refused_status(
+    current: FineTuneJobStatus, generation: int | None, reason: Reason, message: str, now: str
+) -> FineTuneJobStatus:
+    """The operator refuses the job before it creates anything (an invalid spec, a model that cannot fit
+    its GPUs): Stalled, Failed, with the reason and what to change."""
+    message = shorten(message)
     conditions = list(current.conditions)
     settings: tuple[tuple[ConditionType, ConditionStatus], ...] = (
         (ConditionType.READY, "False"),
@@ -312,7 +321,7 @@ def invalid_status(
             conditions,
             kind,
             status,
-            Reason.INVALID_SPEC,
+            reason,
             message if status == "True" or kind is ConditionType.READY else "",
             generation,
             now,

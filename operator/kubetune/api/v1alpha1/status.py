@@ -44,6 +44,7 @@ class Reason(StrEnum):
     SHARED_MEMORY_EXHAUSTED = "SharedMemoryExhausted"
     STORAGE_AUTH_FAILED = "StorageAuthFailed"
     INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    DOES_NOT_FIT = "DoesNotFit"
     PREEMPTED = "Preempted"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
