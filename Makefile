@@ -90,6 +90,7 @@ BENCH_ARGS ?=
 bench: install tools  ## Run every benchmark (docs/benchmarks/*.json and plots), then write docs/benchmarks.md.
 	$(BIN)/python -m bench.operator_scale $(BENCH_ARGS)
 	$(BIN)/python -m bench.trainer_throughput $(BENCH_ARGS)
+	$(BIN)/python -m bench.trainer_real $(BENCH_ARGS)
 	$(BIN)/python -m bench.gpu_throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench.report
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from bench.common import (
     plot_path,
     write_results,
 )
-from bench.training_runs import AssetSpec, RunPlan, kubetune_manifest, measure, prepare_assets
+from bench.training_runs import AssetSpec, RunPlan, estimate_memory, measure, prepare_assets
 
 NAME = "gpu_throughput"
 CACHE_DIR = Path.home() / ".cache" / "kubetune" / "bench" / NAME
@@ -214,24 +213,6 @@ def plan_for(assets: dict[str, Any], settings: Settings, method: str, gpus: int)
         gpus=gpus,
         log_every_steps=1,
     )
-
-
-def estimate_memory(plan: RunPlan, workdir: Path) -> dict[str, Any]:
-    """`kubetune estimate --format json` on the spec the kubetune run trains."""
-    import yaml
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec_file = workdir / "estimate.yaml"
-    spec_file.write_text(yaml.safe_dump(kubetune_manifest(plan, workdir / "published")))
-    out = subprocess.run(
-        [sys.executable, "-m", "kubetune_trainer.estimate", "-f", str(spec_file), "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO_DIR,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    return dict(json.loads(out.stdout))
 
 
 def run_all(

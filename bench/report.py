@@ -23,6 +23,7 @@ REPORT = REPO_DIR / "docs" / "benchmarks.md"
 SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("operator_scale", "Operator at fleet scale", "the test control plane (`make tools`)"),
     ("trainer_throughput", "Trainer throughput on the CPU", "torch on the CPU"),
+    ("trainer_real", "Trainer throughput on SmolLM2-135M-Instruct (CPU)", "SmolLM2 (`make model`)"),
     ("gpu_throughput", "Trainer throughput on a GPU", "a machine with an NVIDIA GPU"),
 )
 

@@ -70,6 +70,7 @@ class Variant:
     """The runner in bench.training_runs."""
     title: str
     packing: bool = False
+    precision: str = "fp32"
 
 
 VARIANTS = (
@@ -130,12 +131,19 @@ def run_all(
     base_plan = plan_for(assets, settings, threads, packing=False)
     log("kubetune callbacks and exporter alone")
     alone = measure("callbacks", base_plan, workdir / "callbacks")
+    return assets, run_variants(VARIANTS, base_plan, settings.repeats, workdir), alone
+
+
+def run_variants(
+    variants: Sequence[Variant], base_plan: RunPlan, repeats: int, workdir: Path
+) -> list[dict[str, Any]]:
+    """Every variant ``repeats`` times in a rotating order, each run with the load average around it."""
     runs = []
-    for repeat in range(settings.repeats):
-        for variant in rotation(VARIANTS, repeat):
-            plan = dataclasses.replace(base_plan, packing=variant.packing)
+    for repeat in range(repeats):
+        for variant in rotation(variants, repeat):
+            plan = dataclasses.replace(base_plan, packing=variant.packing, precision=variant.precision)
             load_before = _load()
-            log(f"{variant.key} (repeat {repeat + 1}/{settings.repeats}, load {load_before:.2f})")
+            log(f"{variant.key} (repeat {repeat + 1}/{repeats}, load {load_before:.2f})")
             result = measure(variant.kind, plan, workdir / f"{variant.key}-{repeat}")
             log(
                 f"  {result['tokensPerSecond']:.0f} tokens/s, peak RSS {result['peakRssBytes'] / 2**20:.0f} MiB"
@@ -143,7 +151,7 @@ def run_all(
             runs.append(
                 result | {"variant": variant.key, "repeat": repeat, "loadAverage": [load_before, _load()]}
             )
-    return assets, runs, alone
+    return runs
 
 
 def _load() -> float:
@@ -220,13 +228,16 @@ def dataset_summary(lengths: Sequence[int], max_seq_length: int, batch_size: int
     }
 
 
-def fastest_steps(runs: Sequence[dict[str, Any]]) -> tuple[list[float], list[int]] | None:
+def fastest_steps(
+    runs: Sequence[dict[str, Any]], times: str = "stepSeconds"
+) -> tuple[list[float], list[int]] | None:
     """Each timed step's fastest time over the repeats, with its tokens; None unless every repeat
-    trained the same batches (same tokens per step), which makes the steps comparable one by one."""
+    trained the same batches (same tokens per step), which makes the steps comparable one by one.
+    ``times`` names the runs' per-step times: wall seconds, or ``stepCpuSeconds``."""
     tokens = list(runs[0]["stepTokens"])
     if any(list(r["stepTokens"]) != tokens for r in runs):
         return None
-    return [min(times) for times in zip(*(r["stepSeconds"] for r in runs), strict=True)], tokens
+    return [min(step) for step in zip(*(r[times] for r in runs), strict=True)], tokens
 
 
 def variant_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -259,6 +270,23 @@ def variant_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def packing_comparison(variants: dict[str, Any]) -> dict[str, Any]:
+    """kubetune's and trl's packing-on variants against their packing-off ones, where both ran."""
+    packing = {}
+    for trainer, off, on in (("kubetune", "kubetune", "kubetune-packing"), ("trl", "trl", "trl-packing")):
+        if off in variants and on in variants:
+            packing[trainer] = {
+                "offTokensPerSecond": variants[off]["tokensPerSecond"],
+                "onTokensPerSecond": variants[on]["tokensPerSecond"],
+                "speedup": round(variants[on]["tokensPerSecond"] / variants[off]["tokensPerSecond"], 3),
+                "offRealTokensPerStep": variants[off]["realTokensPerStep"],
+                "onRealTokensPerStep": variants[on]["realTokensPerStep"],
+                "offStepSeconds": variants[off]["stepSeconds"],
+                "onStepSeconds": variants[on]["stepSeconds"],
+            }
+    return packing
+
+
 def summarize(runs: Sequence[dict[str, Any]], alone: dict[str, Any]) -> dict[str, Any]:
     """Runs -> per-variant numbers, the comparisons and the targets (pure)."""
     variants = {
@@ -288,18 +316,7 @@ def summarize(runs: Sequence[dict[str, Any]], alone: dict[str, Any]) -> dict[str
         "share": round(callback_share, 9),
         "onOffRatio": round(ours["tokensPerSecond"] / bare["tokensPerSecond"], 4) if bare else None,
     }
-    packing = {}
-    for trainer, off, on in (("kubetune", "kubetune", "kubetune-packing"), ("trl", "trl", "trl-packing")):
-        if off in variants and on in variants:
-            packing[trainer] = {
-                "offTokensPerSecond": variants[off]["tokensPerSecond"],
-                "onTokensPerSecond": variants[on]["tokensPerSecond"],
-                "speedup": round(variants[on]["tokensPerSecond"] / variants[off]["tokensPerSecond"], 3),
-                "offRealTokensPerStep": variants[off]["realTokensPerStep"],
-                "onRealTokensPerStep": variants[on]["realTokensPerStep"],
-                "offStepSeconds": variants[off]["stepSeconds"],
-                "onStepSeconds": variants[on]["stepSeconds"],
-            }
+    packing = packing_comparison(variants)
     packing_speedup = packing["kubetune"]["speedup"] if "kubetune" in packing else None
     targets = [
         {
@@ -396,12 +413,33 @@ def plot(results: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- Markdown
 
 
-def _mib(value: float) -> str:
+def mib(value: float) -> str:
     return f"{value / 2**20:,.0f} MiB"
 
 
 def _verdict(met: bool) -> str:
     return "met" if met else "missed"
+
+
+def throughput_headers(baseline: str) -> list[str]:
+    """The headers of ``throughput_cells``."""
+    return ["trainer", "tokens/s", f"vs {baseline}", "every run", "step", "real tokens / step", "peak RSS"]
+
+
+def throughput_cells(
+    title: str, variant: dict[str, Any], baseline: dict[str, Any], digits: int = 0
+) -> list[str]:
+    """A variant's row of a throughput table, up to its peak RSS: tokens/s (to ``digits`` decimals), against the
+    baseline, each run's, step time, real tokens per step."""
+    return [
+        title,
+        f"{variant['tokensPerSecond']:,.{digits}f}",
+        f"{variant['tokensPerSecond'] / baseline['tokensPerSecond']:.3f}x",
+        ", ".join(f"{s:,.{digits}f}" for s in variant["tokensPerSecondRuns"]),
+        f"{variant['stepSeconds']:.{3 - digits}f} s",
+        f"{variant['realTokensPerStep']:,.0f}",
+        mib(variant["peakRssBytes"]),
+    ]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -415,13 +453,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     throughput_rows = [
         [
-            TITLES[key],
-            f"{v['tokensPerSecond']:,.0f}",
-            f"{v['tokensPerSecond'] / variants[baseline]['tokensPerSecond']:.3f}x",
-            ", ".join(f"{s:,.0f}" for s in v["tokensPerSecondRuns"]),
-            f"{v['stepSeconds']:.3f} s",
-            f"{v['realTokensPerStep']:,.0f}",
-            _mib(v["peakRssBytes"]),
+            *throughput_cells(TITLES[key], v, variants[baseline]),
             f"{v['peakRssBytes'] / variants[baseline]['peakRssBytes']:.3f}x",
         ]
         for key, v in variants.items()
@@ -453,17 +485,6 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"(runs of one variant differ by up to {max(v['spread'] for v in variants.values()):.1%})",
             ]
         )
-    packing_rows = [
-        [
-            trainer,
-            f"{p['offTokensPerSecond']:,.0f}",
-            f"{p['onTokensPerSecond']:,.0f}",
-            f"**{p['speedup']:.2f}x**",
-            f"{p['offRealTokensPerStep']:,.0f} → {p['onRealTokensPerStep']:,.0f}",
-            f"{p['offStepSeconds']:.3f} s → {p['onStepSeconds']:.3f} s",
-        ]
-        for trainer, p in packing.items()
-    ]
     target_rows = [
         [
             t["what"],
@@ -504,33 +525,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             *(["### What limits it\n\n" + "\n".join(f"- {f}" for f in findings) + "\n"] if findings else []),
             "### Throughput and memory\n",
             markdown_table(
-                [
-                    "trainer",
-                    "tokens/s",
-                    f"vs {TITLES[baseline]}",
-                    "every run",
-                    "step",
-                    "real tokens / step",
-                    "peak RSS",
-                    "RSS vs baseline",
-                ],
+                [*throughput_headers(TITLES[baseline]), "RSS vs baseline"],
                 throughput_rows,
             ),
             throughput_notes(results),
             "\n### Cost of kubetune's callbacks and metrics exporter\n",
             markdown_table(["what", "cost", "share of a kubetune step"], callback_rows),
             "\n### Packing on the mixed-length set\n",
-            markdown_table(
-                [
-                    "trainer",
-                    "tokens/s, packing off",
-                    "packing on",
-                    "speedup",
-                    "real tokens / step",
-                    "step time",
-                ],
-                packing_rows,
-            ),
+            packing_table(packing),
             profile_markdown(results),
             images + "\n" if images else "",
             "Machine:\n",
@@ -539,7 +541,24 @@ def render_markdown(results: dict[str, Any]) -> str:
     )
 
 
-def throughput_notes(results: dict[str, Any]) -> str:
+def packing_table(packing: dict[str, Any], digits: int = 0) -> str:
+    """The packing comparison (``packing_comparison``) as a Markdown table, tokens/s to ``digits`` decimals."""
+    rows = [
+        [
+            trainer,
+            f"{p['offTokensPerSecond']:,.{digits}f}",
+            f"{p['onTokensPerSecond']:,.{digits}f}",
+            f"**{p['speedup']:.2f}x**",
+            f"{p['offRealTokensPerStep']:,.0f} → {p['onRealTokensPerStep']:,.0f}",
+            f"{p['offStepSeconds']:.3f} s → {p['onStepSeconds']:.3f} s",
+        ]
+        for trainer, p in packing.items()
+    ]
+    headers = ["trainer", "tokens/s, packing off", "packing on", "speedup", "real tokens / step", "step time"]
+    return markdown_table(headers, rows)
+
+
+def throughput_notes(results: dict[str, Any], titles: dict[str, str] = TITLES) -> str:
     """The same losses (the trainers trained the same thing) and how far repeats of one variant drift."""
     variants = results["variants"]
     losses = {
@@ -551,7 +570,7 @@ def throughput_notes(results: dict[str, Any]) -> str:
     if losses:
         lines.append(
             "Logged training loss, first → last: "
-            + "; ".join(f"{TITLES[k]} {first:.4f} → {last:.4f}" for k, (first, last) in losses.items())
+            + "; ".join(f"{titles[k]} {first:.4f} → {last:.4f}" for k, (first, last) in losses.items())
             + ". Losses this close show that the three trained the same batches with the same response-only "
             "loss.\n"
         )
@@ -559,7 +578,7 @@ def throughput_notes(results: dict[str, Any]) -> str:
     if spreads:
         key = max(spreads, key=lambda k: spreads[k])
         lines.append(
-            f"Runs of one variant differed by up to {spreads[key]:.0%} ({TITLES[key]}), with the load average "
+            f"Runs of one variant differed by up to {spreads[key]:.0%} ({titles[key]}), with the load average "
             "beside each run in the JSON: on this shared machine a ratio closer to 1 than a few percent is a "
             "tie.\n"
         )
@@ -611,26 +630,46 @@ def findings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.trainer_throughput", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK.steps} timed steps, one repeat")
+def add_run_arguments(parser: argparse.ArgumentParser, quick: Settings) -> None:
+    """The options of a trainer benchmark: --quick, --threads, --repeats, --steps, --keep."""
+    parser.add_argument("--quick", action="store_true", help=f"{quick.steps} timed step(s), one repeat")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads in every run (default: all cores)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="runs of each variant (the best counts)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (logs, adapters)")
+
+
+def chosen_settings(args: argparse.Namespace, full: Settings, quick: Settings) -> tuple[Settings, int]:
+    """The settings and the torch threads that the options of ``add_run_arguments`` ask for."""
+    settings = quick if args.quick else full
+    settings = dataclasses.replace(
+        settings, repeats=args.repeats or settings.repeats, steps=args.steps or settings.steps
+    )
+    return settings, args.threads or os.cpu_count() or 1
+
+
+def lora_setup(plan: RunPlan) -> dict[str, Any]:
+    """The LoRA of a plan, for a results' setup block."""
+    return {
+        "r": plan.lora_r,
+        "alpha": plan.lora_alpha,
+        "dropout": plan.lora_dropout,
+        "targetModules": list(plan.target_modules),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.trainer_throughput", description=__doc__.split("\n\n")[0]
+    )
+    add_run_arguments(parser, QUICK)
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the py-spy runs of kubetune and the best baseline"
     )
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
-    settings = dataclasses.replace(
-        settings, repeats=args.repeats or settings.repeats, steps=args.steps or settings.steps
-    )
-    threads = args.threads or os.cpu_count() or 1
+    settings, threads = chosen_settings(args, FULL, QUICK)
     machine = describe_machine(PACKAGES)
     workdir = Path(tempfile.mkdtemp(prefix=f"{NAME}-"))
     try:
@@ -653,12 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": finish_machine(machine),
         "setup": {
             "model": {"parameters": assets["parameters"], "config": assets["modelConfig"]},
-            "lora": {
-                "r": plan.lora_r,
-                "alpha": plan.lora_alpha,
-                "dropout": plan.lora_dropout,
-                "targetModules": list(plan.target_modules),
-            },
+            "lora": lora_setup(plan),
             "maxSeqLength": MAX_SEQ_LENGTH,
             "batchSize": BATCH_SIZE,
             "precision": plan.precision,

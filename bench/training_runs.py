@@ -9,6 +9,10 @@ A run trains one LoRA (or QLoRA) on one model and dataset with one of the traine
 - ``transformers``: a plain ``transformers.Trainer`` + peft script;
 - ``trl``: trl's ``SFTTrainer`` on the same rows as prompt/completion pairs.
 
+A model that ships a chat template (the pretrained SmolLM2) has its rows rendered in it by
+every trainer, as the kubetune trainer renders alpaca rows for such a model; the others get
+the alpaca headers.
+
 Every trainer gets the same :class:`StepClock`: at the end of each optimizer step it notes
 the time and the Trainer's own count of non-padding input tokens
 (``include_num_input_tokens_seen="non_padding"``, on in every run). Throughput is the
@@ -98,7 +102,8 @@ class RunPlan:
 
 @dataclasses.dataclass(frozen=True)
 class AssetSpec:
-    """A generated dataset and a random-weight Llama built from ``model_config``."""
+    """A generated dataset and the model that trains on it: a random-weight Llama built from ``model_config``
+    with a tokenizer retrained on the rows, or, with ``model_dir``, a pretrained model as it is."""
 
     model_config: dict[str, Any]
     rows: int
@@ -108,9 +113,14 @@ class AssetSpec:
     seed: int = 7
     dtype: str = "float32"
     """Dtype the weights are saved in (bfloat16 for the GPU's 8B-shaped model: half the disk)."""
+    model_dir: str | None = None
+    """A pretrained model's directory, trained with its own tokenizer (``model_config``, ``vocab_size`` and
+    ``dtype`` are then unused)."""
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        # Unset fields are left out, so that a field added later keeps the older specs' cached assets.
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------- data (pure parts)
@@ -170,6 +180,39 @@ def alpaca_text(row: dict[str, str]) -> tuple[str, str]:
     return template.format(instruction=row["instruction"].strip(), input=context), row["output"]
 
 
+def chat_messages(row: dict[str, str]) -> list[dict[str, str]]:
+    """A row as the user turn and the assistant turn the kubetune trainer makes of it for a chat model."""
+    from kubetune.api.v1alpha1 import DatasetColumns
+    from kubetune_trainer.data import alpaca_messages
+
+    return alpaca_messages(row, DatasetColumns())
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the model ships a chat template, in which the kubetune trainer then renders alpaca rows."""
+    from kubetune_trainer.data import own_chat_template
+
+    return own_chat_template(tokenizer) is not None
+
+
+def encode_row(row: dict[str, str], tokenizer: Any) -> tuple[list[int], int]:
+    """A row's token ids, not yet cut to length, and how many of them are prompt, as a plain script makes them.
+
+    A chat model's rows go through its template (which writes its own BOS and end of turn); other rows get
+    the alpaca headers, the tokenizer's special tokens and an EOS. The prompt is tokenized alone to find its
+    length: in both renderings it ends in a newline, on which the tokenizers here never merge across.
+    """
+    if has_chat_template(tokenizer):
+        messages = chat_messages(row)
+        prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(input_ids), len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    prompt, response = alpaca_text(row)
+    input_ids = tokenizer(prompt + response)["input_ids"] + [tokenizer.eos_token_id]
+    return list(input_ids), len(tokenizer(prompt)["input_ids"])
+
+
 # ------------------------------------------------------------------------------------ assets
 
 
@@ -178,18 +221,58 @@ def build_assets(spec: AssetSpec, folder: Path) -> dict[str, Any]:
     done = folder / "assets.json"
     if done.exists():
         return dict(json.loads(done.read_text()))
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     folder.mkdir(parents=True, exist_ok=True)
     rows = mixed_length_rows(spec.rows, spec.min_words, spec.max_words, spec.seed)
     data_file = folder / "data.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    model_dir, parameters, model_config, tokenizer = (
+        _random_model(spec, rows, folder / "model")
+        if spec.model_dir is None
+        else _pretrained_model(spec.model_dir)
+    )
+    assets = {
+        "modelDir": str(model_dir),
+        "dataFile": str(data_file),
+        "parameters": parameters,
+        "modelConfig": model_config,
+        "tokenLengths": [len(encode_row(row, tokenizer)[0]) for row in rows],
+    }
+    done.write_text(json.dumps(assets))
+    return assets
+
+
+PRETRAINED_CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "tie_word_embeddings", "vocab_size",
+)  # fmt: skip
+
+
+def _pretrained_model(model_dir: str) -> tuple[Path, int, dict[str, Any], Any]:
+    """(directory, parameters, config, tokenizer) of a pretrained model, used where it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = model.config.to_dict()
+    parameters = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    return (
+        Path(model_dir),
+        parameters,
+        {k: config[k] for k in PRETRAINED_CONFIG_KEYS},
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+
+
+def _random_model(
+    spec: AssetSpec, rows: list[dict[str, str]], model_dir: Path
+) -> tuple[Path, int, dict[str, Any], Any]:
+    """A tokenizer retrained on ``rows`` and a random-weight Llama of ``spec.model_config``, saved in ``model_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
     texts = ["".join(alpaca_text(row)) for row in rows]
     tokenizer = AutoTokenizer.from_pretrained(BASE_TOKENIZER).train_new_from_iterator(
         texts, vocab_size=spec.vocab_size
     )
-    model_dir = folder / "model"
     tokenizer.save_pretrained(model_dir)
     config = LlamaConfig(
         **{"vocab_size": len(tokenizer), **spec.model_config},
@@ -202,16 +285,8 @@ def build_assets(spec: AssetSpec, folder: Path) -> dict[str, Any]:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))  # type: ignore[no-untyped-call]
     model.save_pretrained(model_dir)
-    lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + the EOS every trainer appends
-    assets = {
-        "modelDir": str(model_dir),
-        "dataFile": str(data_file),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "modelConfig": {**spec.model_config, "vocab_size": config.vocab_size},
-        "tokenLengths": lengths,
-    }
-    done.write_text(json.dumps(assets))
-    return assets
+    parameters = sum(p.numel() for p in model.parameters())
+    return model_dir, parameters, {**spec.model_config, "vocab_size": config.vocab_size}, tokenizer
 
 
 # ---------------------------------------------------------------------- the clock, in a run
@@ -259,6 +334,8 @@ def make_step_clock(warmup_steps: int, callback_timer: CallbackTimer | None = No
         def __init__(self) -> None:
             self.marks: list[tuple[int, float, int, float]] = []
             """(step, perf_counter, non-padding tokens seen, seconds in timed callbacks so far)."""
+            self.cpu_marks: list[tuple[int, float]] = []
+            """(step, CPU seconds of the whole process so far): what a step cost, whatever else ran beside it."""
             self.losses: list[tuple[int, float]] = []
             self.gpu_peak_allocated = 0
             self.gpu_peak_reserved = 0
@@ -268,6 +345,7 @@ def make_step_clock(warmup_steps: int, callback_timer: CallbackTimer | None = No
             self.marks.append(
                 (state.global_step, time.perf_counter(), int(state.num_input_tokens_seen or 0), spent)
             )
+            self.cpu_marks.append((state.global_step, time.process_time()))
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self._mark(state)
@@ -287,6 +365,7 @@ def make_step_clock(warmup_steps: int, callback_timer: CallbackTimer | None = No
 
         def result(self) -> dict[str, Any]:
             return window_throughput(self.marks, warmup_steps) | {
+                "stepCpuSeconds": step_cpu_seconds(self.cpu_marks, warmup_steps),
                 "losses": self.losses,
                 "gpuPeakAllocatedBytes": self.gpu_peak_allocated,
                 "gpuPeakReservedBytes": self.gpu_peak_reserved,
@@ -316,6 +395,15 @@ def window_throughput(marks: list[tuple[int, float, int, float]], warmup_steps: 
         "callbackShare": (last_spent - first_spent) / seconds,
         "allStepSeconds": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
     }
+
+
+def step_cpu_seconds(marks: list[tuple[int, float]], warmup_steps: int) -> list[float]:
+    """CPU seconds the process spent in each step after the warm-up, all its threads together (pure).
+
+    On a shared machine a step's wall time grows with whatever else runs; the CPU time it needed grows far
+    less (with ``OMP_WAIT_POLICY=PASSIVE`` torch's threads do not spin while they wait for a core)."""
+    steps = [mark for mark in marks if mark[0] >= warmup_steps]
+    return [b[1] - a[1] for a, b in itertools.pairwise(steps)]
 
 
 # ---------------------------------------------------------------------------- the trainers
@@ -406,7 +494,8 @@ def _load_base(plan: RunPlan) -> Any:
 
 
 def run_transformers(plan: RunPlan, workdir: Path) -> dict[str, Any]:
-    """A plain transformers Trainer + peft script: tokenize prompt + response, mask the prompt, pad."""
+    """A plain transformers Trainer + peft script: tokenize prompt + response (in the model's chat template
+    if it has one), mask the prompt, pad."""
     from datasets import load_dataset
     from peft import get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -416,11 +505,8 @@ def run_transformers(plan: RunPlan, workdir: Path) -> dict[str, Any]:
     rows = load_dataset("json", data_files=plan.data_file, split="train")
 
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
-        prompt, response = alpaca_text(row)
-        prompt_length = len(tokenizer(prompt)["input_ids"])
-        input_ids = (tokenizer(prompt + response)["input_ids"] + [tokenizer.eos_token_id])[
-            : plan.max_seq_length
-        ]
+        all_ids, prompt_length = encode_row(row, tokenizer)
+        input_ids = all_ids[: plan.max_seq_length]
         labels = [-100] * prompt_length + input_ids[prompt_length:]
         return {
             "input_ids": input_ids,
@@ -444,7 +530,8 @@ def run_transformers(plan: RunPlan, workdir: Path) -> dict[str, Any]:
 
 
 def run_trl(plan: RunPlan, workdir: Path) -> dict[str, Any]:
-    """trl's SFTTrainer on prompt/completion rows (it masks the prompt and appends EOS itself)."""
+    """trl's SFTTrainer on prompt/completion rows (it masks the prompt and appends EOS itself); for a chat
+    model, conversational ones, which it renders in the model's template."""
     from datasets import load_dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]  # lazily exported
@@ -453,7 +540,12 @@ def run_trl(plan: RunPlan, workdir: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
     rows = load_dataset("json", data_files=plan.data_file, split="train")
 
-    def to_pair(row: dict[str, str]) -> dict[str, str]:
+    chat = has_chat_template(tokenizer)
+
+    def to_pair(row: dict[str, str]) -> dict[str, Any]:
+        if chat:
+            user, assistant = chat_messages(row)
+            return {"prompt": [user], "completion": [assistant]}
         prompt, completion = alpaca_text(row)
         return {"prompt": prompt, "completion": completion}
 
@@ -516,6 +608,24 @@ def kubetune_manifest(plan: RunPlan, output: Path) -> dict[str, Any]:
             "checkpoint": {"everySteps": 1_000_000, "keep": 1},
         },
     }
+
+
+def estimate_memory(plan: RunPlan, workdir: Path) -> dict[str, Any]:
+    """`kubetune estimate --format json` on the spec the kubetune run trains (the CLI hands over to this module)."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_file = workdir / "estimate.yaml"
+    spec_file.write_text(yaml.safe_dump(kubetune_manifest(plan, workdir / "published")))
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.estimate", "-f", str(spec_file), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_DIR,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    return dict(json.loads(out.stdout))
 
 
 def run_kubetune(plan: RunPlan, workdir: Path, callbacks: bool = True) -> dict[str, Any]:
